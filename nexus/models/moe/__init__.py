@@ -1,1 +1,22 @@
+"""The MoE transformer: GQA, MoE feed-forward, routing Mamba, mixture of depths, multi-token heads.
 
+Example:
+    >>> from nexus.models.moe import MoEConfig, MoETransformer, TINY_CONFIG
+    >>> out = MoETransformer(MoEConfig(**TINY_CONFIG))(torch.randint(0, 4096, (2, 16)))
+"""
+
+from nexus.models.moe.attention import GroupedQueryAttention, sdpa_core
+from nexus.models.moe.config import FIVE_B_CONFIG, TINY_CONFIG, LayerSpec, MoEConfig
+from nexus.models.moe.mamba import RoutingMamba, ssd_scan, ssd_scan_reference
+from nexus.models.moe.mod import MixtureOfDepths, mod_capacity
+from nexus.models.moe.model import MoEOutput, MoETransformer, MTPHead, TransformerBlock
+from nexus.models.moe.moe import (MoEFeedForward, RouterLosses, SwiGLU, dispatch_experts, load_balance_loss,
+                                  router_z_loss, top_k_routing)
+from nexus.models.moe.norm import RMSNorm
+
+__all__ = [
+    "FIVE_B_CONFIG", "TINY_CONFIG", "GroupedQueryAttention", "LayerSpec", "MixtureOfDepths", "MoEConfig",
+    "MoEFeedForward", "MoEOutput", "MoETransformer", "MTPHead", "RMSNorm", "RouterLosses", "RoutingMamba",
+    "SwiGLU", "TransformerBlock", "dispatch_experts", "load_balance_loss", "mod_capacity", "router_z_loss",
+    "sdpa_core", "ssd_scan", "ssd_scan_reference", "top_k_routing",
+]
