@@ -1,0 +1,298 @@
+"""MXFP8 linear layers: OCP Microscaling (MX v1.0) block-scaled FP8 for weights, activations and gradients.
+
+Every GEMM operand is MX-quantized along its reduction dimension, in blocks of ``block_size``
+elements sharing one E8M0 power-of-two scale: y = x W^T reduces over K (x, W blocked along K),
+dx = dy W over N (dy, W blocked along N), dW = dy^T x over tokens (dy, x blocked along tokens).
+Forward operands use E4M3, output gradients E5M2. The GEMM itself is emulated on every device:
+dequantize the MX operands, then an fp32 matmul (exact products, fp32 accumulation), which is
+what MX hardware computes up to accumulation order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+import nexus_kernels
+from nexus.training.mixed_precision.fp8 import DEFAULT_SKIP, replace_linears
+
+__all__ = [
+    "MXFP8Config",
+    "MXFP8Linear",
+    "MXLinearBase",
+    "MXSpec",
+    "convert_to_mxfp8",
+    "mx_linear",
+    "mx_quantize_dequantize",
+]
+
+BLOCK_SIZES = (32, 64)
+ELEMENT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m1": 6.0}
+
+
+def _fresh_seed() -> int:
+    """A seed drawn from torch's default generator, so ``torch.manual_seed`` makes runs repeatable."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def mx_quantize_dequantize(
+    x: torch.Tensor,
+    elem: str,
+    block_size: int | None = 32,
+    *,
+    dim: int = -1,
+    rounding: str = "nearest",
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Round ``x`` to the values an MX tensor (blocks along ``dim``) can hold; same shape and dtype.
+
+    elem: "e4m3" | "e5m2" | "e2m1". block_size None means one float32 scale for the whole tensor
+    (amax / element max) instead of E8M0 block scales. rounding: "nearest" | "stochastic".
+    Example: ``xq = mx_quantize_dequantize(torch.randn(4, 64), "e4m3", 32)``
+             ``(xq - x).abs() <= x.abs().amax() / 8`` elementwise, roughly
+    """
+    if x.numel() == 0:
+        return x.clone()
+    moved = x.movedim(dim, -1).contiguous()
+    if block_size is None:
+        amax = moved.detach().abs().amax().float()
+        scale = torch.where(amax > 0, amax / ELEMENT_MAX[elem], torch.ones_like(amax))
+        q = nexus_kernels.cast_to_fp(moved.float() / scale, elem, rounding=rounding, seed=seed) * scale
+    else:
+        elements, scales = nexus_kernels.to_mx(moved, elem=elem, block_size=block_size, rounding=rounding, seed=seed)
+        q = nexus_kernels.from_mx(
+            elements, scales, elem, block_size=block_size, dtype=torch.float32, size=moved.shape[-1]
+        )
+    return q.to(x.dtype).movedim(-1, dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class MXSpec:
+    """Formats of one block-scaled linear: forward element format, gradient format, block, rounding."""
+
+    forward_elem: str
+    backward_elem: str
+    block_size: int | None
+    gradient_rounding: str = "nearest"
+    quantize_gradients: bool = True
+
+
+class _MXLinearFunction(torch.autograd.Function):
+    """y = Q(x) Q(W)^T + b; backward with Q along each GEMM's reduction dimension (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec):
+        x2 = x.reshape(-1, x.shape[-1])
+        xq = mx_quantize_dequantize(x2, spec.forward_elem, spec.block_size).float()
+        wq = mx_quantize_dequantize(weight, spec.forward_elem, spec.block_size).float()
+        y = xq @ wq.t()
+        if bias is not None:
+            y = y + bias.float()
+        ctx.save_for_backward(x2, weight)
+        ctx.spec, ctx.x_shape, ctx.has_bias = spec, x.shape, bias is not None
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight = ctx.saved_tensors
+        spec = ctx.spec
+        dy2 = dy.reshape(-1, dy.shape[-1]).float()
+        fwd, bwd, bs = spec.forward_elem, spec.backward_elem, spec.block_size
+
+        def grad_q(t: torch.Tensor, dim: int) -> torch.Tensor:
+            if not spec.quantize_gradients:
+                return t
+            seed = _fresh_seed() if spec.gradient_rounding == "stochastic" else None
+            return mx_quantize_dequantize(t, bwd, bs, dim=dim, rounding=spec.gradient_rounding, seed=seed)
+
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            # dx = dy @ W reduces over N: dy blocked along its last dim, W along dim 0.
+            w_n = mx_quantize_dequantize(weight, fwd, bs, dim=0).float()
+            dx = (grad_q(dy2, -1) @ w_n).to(x2.dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            # dW = dy^T @ x reduces over tokens: both blocked along dim 0.
+            x_m = mx_quantize_dequantize(x2, fwd, bs, dim=0).float()
+            dw = (grad_q(dy2, 0).t() @ x_m).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0).to(weight.dtype)
+        return dx, dw, db, None
+
+
+def mx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: MXSpec) -> torch.Tensor:
+    """Block-scaled low-precision linear ``x @ weight.T + bias``, differentiable (emulated GEMM).
+
+    x: [..., K] float; weight: [N, K]; bias: [N] or None; returns [..., N] in x's dtype.
+    Example: ``y = mx_linear(torch.randn(8, 64), torch.randn(32, 64), None, MXSpec("e4m3", "e5m2", 32))``
+             ``y.shape == (8, 32)``
+    """
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but weight expects {weight.shape[1]}")
+    return _MXLinearFunction.apply(x, weight, bias, spec)
+
+
+class MXLinearBase(nn.Linear):
+    """Shared machinery of MXFP8Linear and FP4Linear: the forward call and packed weight storage.
+
+    ``pack_weights()`` replaces the float weight by buffers ``weight_elements`` (uint8 codes, FP4
+    two per byte) and ``weight_scales`` (uint8 E8M0, or one float32 scale without microscaling):
+    the layer is then frozen (the input still gets gradients) and its ``state_dict`` is small.
+    ``unpack_weights()`` restores a trainable float weight holding the quantized values.
+    """
+
+    spec: MXSpec
+
+    @property
+    def packed(self) -> bool:
+        return "weight_elements" in self._buffers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized_weight() if self.packed else self.weight
+        return mx_linear(x, weight, self.bias, self.spec)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as the forward GEMM sees it: [out_features, in_features] ``dtype``."""
+        if not self.packed:
+            return mx_quantize_dequantize(self.weight.detach(), self.spec.forward_elem, self.spec.block_size).to(dtype)
+        elem, bs = self.spec.forward_elem, self.spec.block_size
+        codes, scales = self.weight_elements, self.weight_scales
+        if bs is not None:
+            return nexus_kernels.from_mx(codes, scales, elem, block_size=bs, dtype=dtype, size=self.in_features)
+        if elem == "e2m1":
+            codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)[..., : self.in_features]
+        return (nexus_kernels.decode_fp_bits(codes, elem, torch.float32) * scales).to(dtype)
+
+    @torch.no_grad()
+    def pack_weights(self) -> MXLinearBase:
+        """Store the weight as MX codes + scales (frozen); returns self."""
+        if self.packed:
+            return self
+        w = self.weight.detach().float()
+        elem, bs = self.spec.forward_elem, self.spec.block_size
+        if bs is not None:
+            codes, scales = nexus_kernels.to_mx(w, elem=elem, block_size=bs)
+        else:
+            amax = w.abs().amax()
+            scales = torch.where(amax > 0, amax / ELEMENT_MAX[elem], torch.ones_like(amax)).reshape(1)
+            codes = nexus_kernels.cast_to_fp_bits(w / scales, elem)
+            if elem == "e2m1":
+                # Two 4-bit codes per byte, low nibble first; pad an odd row with a zero code.
+                if codes.shape[-1] % 2:
+                    codes = torch.nn.functional.pad(codes, (0, 1))
+                codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        del self.weight
+        self.register_buffer("weight_elements", codes.contiguous())
+        self.register_buffer("weight_scales", scales.contiguous())
+        return self
+
+    @torch.no_grad()
+    def unpack_weights(self) -> MXLinearBase:
+        """Turn packed codes back into a trainable float32 weight Parameter; returns self."""
+        if not self.packed:
+            return self
+        w = self.dequantized_weight(torch.float32)
+        del self.weight_elements
+        del self.weight_scales
+        self.weight = nn.Parameter(w)
+        return self
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"elem={s.forward_elem}/{s.backward_elem}, block_size={s.block_size}, packed={self.packed}"
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MXFP8Config:
+    """MXFP8 settings.
+
+    block_size: 32 | 64 elements per shared E8M0 scale. e4m3_forward: E4M3 for weights and
+    activations (else E5M2); gradients always E5M2. quantize_gradients: MX-quantize output gradients
+    in backward. stochastic_rounding: round gradients stochastically (unbiased) instead of RNE.
+    Example: ``config = MXFP8Config(block_size=32, e4m3_forward=True)``
+             ``layer = MXFP8Linear(768, 3072, config=config)``
+    """
+
+    block_size: int = 32
+    e4m3_forward: bool = True
+    quantize_gradients: bool = True
+    stochastic_rounding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
+        for name in ("e4m3_forward", "quantize_gradients", "stochastic_rounding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def spec(self) -> MXSpec:
+        return MXSpec(
+            forward_elem="e4m3" if self.e4m3_forward else "e5m2",
+            backward_elem="e5m2",
+            block_size=self.block_size,
+            gradient_rounding="stochastic" if self.stochastic_rounding else "nearest",
+            quantize_gradients=self.quantize_gradients,
+        )
+
+
+class MXFP8Linear(MXLinearBase):
+    """``nn.Linear`` with MXFP8 weights, activations and gradients (fp32 master weights).
+
+    x: [..., in_features] float -> [..., out_features] same dtype.
+    Example: ``layer = MXFP8Linear(768, 3072, config=MXFP8Config(block_size=32))``
+             ``y = layer(torch.randn(4, 768))``
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        config: MXFP8Config | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        config = config if config is not None else MXFP8Config()
+        if not isinstance(config, MXFP8Config):
+            raise ValueError(f"config must be an MXFP8Config, got {type(config).__name__}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.config = config
+        self.spec = config.spec
+
+
+def _convert(model, make_layer, skip, filter_fn):
+    def make(lin: nn.Linear) -> nn.Module:
+        new = make_layer(lin)
+        new.weight = lin.weight
+        new.bias = lin.bias
+        new.train(lin.training)
+        return new
+
+    return replace_linears(model, make, skip=skip, filter_fn=filter_fn)
+
+
+def convert_to_mxfp8(
+    model: nn.Module,
+    config: MXFP8Config | None = None,
+    *,
+    skip: Iterable[str] = DEFAULT_SKIP,
+    filter_fn: Callable[[str, nn.Linear], bool] | None = None,
+) -> nn.Module:
+    """Swap ``nn.Linear`` layers for :class:`MXFP8Linear` in place, keeping the weight Parameters.
+
+    Layers named in ``skip`` (the output head by default) or rejected by ``filter_fn(name, linear)`` stay.
+    Example: ``model = convert_to_mxfp8(model, MXFP8Config(block_size=32))``
+             ``isinstance(model.fc1, MXFP8Linear)``
+    """
+    config = config if config is not None else MXFP8Config()
+
+    def make_layer(lin: nn.Linear) -> MXFP8Linear:
+        return MXFP8Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, config=config, device="meta")
+
+    return _convert(model, make_layer, skip, filter_fn)
