@@ -1,0 +1,466 @@
+"""Casts from float32/bfloat16/float16 to E4M3, E5M2 and E2M1: round-to-nearest-even or stochastic.
+
+Three public functions share one rounding rule:
+
+- ``cast_to_fp(x, fmt)``: values of ``x``'s dtype that are exactly representable in ``fmt``;
+- ``cast_to_fp_bits(x, fmt)``: the ``fmt`` codes as ``uint8`` (E2M1: one code per byte, low 4 bits);
+- ``decode_fp_bits(codes, fmt)``: codes back to floats.
+
+Rounding (of the value ``x`` read exactly as float32):
+
+- ``"nearest"``: round to nearest, ties to even mantissa. Matches ``x.to(torch.float8_e4m3fn)`` and
+  ``x.to(torch.float8_e5m2)`` bit for bit on every float32 whose rounded magnitude is <= max normal.
+- ``"stochastic"``: with ``lo <= |x| <= hi`` the two neighbours, returns ``hi`` with probability
+  ``(|x| - lo) / (hi - lo)``, so ``E[result] == x``. The probability is resolved to 2**-30 of the
+  gap (values that fall below 2**-30 of it round down). Random bits are a counter-based hash of
+  ``(seed, flat element index)`` (murmur3's 32-bit finaliser, applied twice), computed identically
+  in the Triton kernel and the torch reference, so both return the same bits for the same seed.
+  ``seed=None`` draws a seed from torch's global generator (reproducible under
+  ``torch.manual_seed``). The same seed on the same shape gives the same rounding: vary the seed
+  per step.
+
+Overflow (``|x|`` above max normal after rounding for ``"nearest"``; ``|x|`` above max normal for
+``"stochastic"``), including +-inf:
+
+- ``saturate=True`` (default): +-max normal (448, 57344, 6). This is what
+  ``x.to(torch.float8_e4m3fn)`` does.
+- ``saturate=False``: NaN for E4M3 (it has no inf), +-inf for E5M2 (as ``x.to(torch.float8_e5m2)``).
+  E2M1 has neither inf nor NaN, so ``saturate=False`` with E2M1 raises ``ValueError``.
+
+NaN stays NaN with its sign: code ``0x7F | sign`` for E4M3 and E5M2, and NaN in ``cast_to_fp``'s
+float output for every format. E2M1 has no NaN code: ``cast_to_fp_bits`` writes +-6 (the
+saturated value, keeping the sign) for NaN inputs; MX blocks mark NaN through their scale instead.
+-0 keeps its sign (code 0x80, or 0x8 for E2M1), as do values that round to zero.
+
+Float64, integer and complex inputs raise ``TypeError``; non-contiguous inputs are copied to a
+contiguous layout first.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nexus_kernels._backend import select
+from nexus_kernels.formats import E8M0, FloatFormat, get_format
+
+__all__ = [
+    "cast_to_fp",
+    "cast_to_fp_bits",
+    "decode_fp_bits",
+    "cast_to_fp_reference",
+    "cast_to_fp_bits_reference",
+    "decode_fp_bits_reference",
+]
+
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ROUNDINGS = ("nearest", "stochastic")
+_MASK32 = 0xFFFFFFFF
+# Stochastic rounding resolves the rounding probability to this many bits (kernel and reference alike).
+SR_BITS = 30
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks and seeds (shared with mx.py)
+# ----------------------------------------------------------------------------------------------
+def _check_float_input(x: torch.Tensor, what: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{what} has dtype {x.dtype}; expected one of float32, bfloat16, float16")
+
+
+def _check_output_dtype(dtype: torch.dtype) -> None:
+    if dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"dtype={dtype} is not supported; expected one of float32, bfloat16, float16, float64")
+
+
+def _check_element_format(fmt: str | FloatFormat) -> FloatFormat:
+    fmt = get_format(fmt)
+    if fmt is E8M0 or not fmt.signed:
+        raise ValueError(f"cannot cast to {fmt.name}: it is a scale format (use to_mx); expected e4m3, e5m2 or e2m1")
+    return fmt
+
+
+def _check_rounding(rounding: str, saturate: bool, fmt: FloatFormat) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r}; expected one of {', '.join(ROUNDINGS)}")
+    if not saturate and not fmt.has_inf and fmt.nan_code is None:
+        raise ValueError(f"saturate=False needs an inf or NaN code, and {fmt.name} has neither; use saturate=True")
+
+
+def _fmix32(h: int) -> int:
+    """murmur3's 32-bit finaliser on a Python int (used for the per-call key)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    h ^= h >> 16
+    return h
+
+
+def seed_key(seed: int | None) -> int:
+    """32-bit hash key for ``seed`` (an int in [0, 2**64)); ``None`` draws one from torch's generator."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return _fmix32((seed & _MASK32) ^ _fmix32(((seed >> 32) & _MASK32) ^ 0x9E3779B9))
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    # (h * c) mod 2**32 without int64 overflow: split c into 16-bit halves.
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32_reference(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def random_bits_reference(key: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform 32-bit random numbers (int64 in [0, 2**32)) for flat element indices ``index`` (int64)."""
+    lo = index & _MASK32
+    hi = index >> 32
+    return _fmix32_reference(_fmix32_reference(lo ^ key) ^ hi)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: plain torch, float64 arithmetic on exact values
+# ----------------------------------------------------------------------------------------------
+def round_to_codes_reference(
+    x: torch.Tensor,
+    fmt: FloatFormat,
+    *,
+    scale_exp: torch.Tensor | int = 0,
+    rounding: str = "nearest",
+    rand: torch.Tensor | None = None,
+    saturate: bool = True,
+) -> torch.Tensor:
+    """Codes (int64) of ``x / 2**scale_exp`` rounded to ``fmt``; ``rand``: 32-bit random ints for SR.
+
+    ``x`` is read as float32 and the division by a power of two is done exactly in float64.
+    """
+    x64 = x.float().double()
+    sign = torch.signbit(x64)
+    y = x64.abs() * torch.pow(2.0, -torch.as_tensor(scale_exp, dtype=torch.float64))
+    is_nan = torch.isnan(y)
+    finite = torch.isfinite(y)
+    # Exponent of the quantum: floor(log2|y|) for normals, emin in the subnormal range and for 0.
+    _, exp = torch.frexp(torch.where(finite, y, torch.zeros_like(y)))
+    e = torch.where(y > 0, exp.long() - 1, torch.full_like(exp, fmt.emin, dtype=torch.long))
+    e = torch.clamp(e, min=fmt.emin)
+    units = torch.where(finite, y, torch.zeros_like(y)) * torch.pow(2.0, (fmt.man_bits - e).double())
+    if rounding == "nearest":
+        q = torch.round(units)  # torch.round is round-half-to-even
+        overflow = ~finite
+    else:
+        # Probability resolved to 2**-SR_BITS of the gap, then up iff frac + rand/2**32 >= 1.
+        units = torch.floor(units * 2.0**SR_BITS) / 2.0**SR_BITS
+        q = torch.floor(units + rand.double() / 2.0**32)
+        overflow = ~finite | (y > fmt.max_normal)
+    # Mantissa carries into the exponent field naturally: q == 2**(man+1) is the next binade.
+    code = ((e - fmt.emin) << fmt.man_bits) + q.long()
+    overflow = overflow | (code > fmt.max_code)
+    overflow_code = fmt.max_code if saturate else (fmt.inf_code if fmt.has_inf else fmt.nan_code)
+    code = torch.where(overflow, torch.full_like(code, overflow_code), code)
+    nan_code = fmt.nan_code if fmt.nan_code is not None else fmt.max_code
+    code = torch.where(is_nan, torch.full_like(code, nan_code), code)
+    return code | (sign.long() * fmt.sign_bit)
+
+
+def decode_fp_bits_reference(codes: torch.Tensor, fmt: str | FloatFormat, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference for ``decode_fp_bits``: the value of each code, in float64, converted to ``dtype``."""
+    fmt = get_format(fmt)
+    c = codes.long() & ((1 << fmt.bits) - 1)
+    mag = c & ((1 << (fmt.exp_bits + fmt.man_bits)) - 1)
+    biased = (mag >> fmt.man_bits).double()
+    man = (mag & ((1 << fmt.man_bits) - 1)).double()
+    normal = (1.0 + man / 2**fmt.man_bits) * torch.pow(2.0, biased - fmt.bias)
+    if fmt.man_bits > 0:
+        subnormal = man * 2.0 ** (fmt.emin - fmt.man_bits)
+        value = torch.where(biased == 0, subnormal, normal)
+    else:
+        value = normal  # E8M0: code 0 is 2**-127, no subnormals
+    if fmt.has_inf:
+        top = biased == (1 << fmt.exp_bits) - 1
+        value = torch.where(top & (man == 0), torch.full_like(value, float("inf")), value)
+        value = torch.where(top & (man != 0), torch.full_like(value, float("nan")), value)
+    elif fmt.nan_code is not None:
+        value = torch.where(mag == fmt.nan_code, torch.full_like(value, float("nan")), value)
+    if fmt.signed:
+        value = torch.where((c & fmt.sign_bit) != 0, -value, value)
+    return value.to(dtype)
+
+
+def cast_to_fp_bits_reference(x, fmt, rounding="nearest", seed=None, saturate=True) -> torch.Tensor:
+    """Reference for ``cast_to_fp_bits`` (same arguments, same result)."""
+    fmt = get_format(fmt)
+    rand = None
+    if rounding == "stochastic":
+        rand = random_bits_reference(seed_key(seed), torch.arange(x.numel(), dtype=torch.int64).view(x.shape))
+    codes = round_to_codes_reference(x, fmt, rounding=rounding, rand=rand, saturate=saturate)
+    return codes.to(torch.uint8)
+
+
+def cast_to_fp_reference(x, fmt, rounding="nearest", seed=None, saturate=True) -> torch.Tensor:
+    """Reference for ``cast_to_fp`` (same arguments, same result)."""
+    fmt = get_format(fmt)
+    codes = cast_to_fp_bits_reference(x, fmt, rounding, seed, saturate)
+    value = decode_fp_bits_reference(codes, fmt, torch.float64)
+    value = torch.where(torch.isnan(x), torch.full_like(value, float("nan")), value)
+    return value.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton: integer bit arithmetic on float32 bits (exact on the interpreter and every GPU)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fmix32_tl(h):
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _random_bits_tl(key, index):
+    """32-bit uniform ints (uint32) for int64 ``index``: same hash as ``random_bits_reference``."""
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    return _fmix32_tl(_fmix32_tl(lo ^ key.to(tl.uint32)) ^ hi)
+
+
+@triton.jit
+def _round_to_code_tl(bits, scale_exp, rand, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+                      MAX_CODE: tl.constexpr, MAX_SIG: tl.constexpr, OVERFLOW_CODE: tl.constexpr,
+                      NAN_CODE: tl.constexpr, SIGN_SHIFT: tl.constexpr, STOCHASTIC: tl.constexpr,
+                      SR_RES: tl.constexpr):
+    """Code (int32) of float32 ``bits`` / 2**scale_exp rounded to the format.
+
+    The magnitude is sig * 2**(e - 23) with a 24-bit significand; rounding to the format's quantum
+    2**(max(e, EMIN) - MAN_BITS) drops ``s`` low bits of ``sig``; RNE uses the dropped bits as
+    guard + sticky, SR adds ``s`` random bits before truncating. The code is then
+    ((max(e, EMIN) - EMIN) << MAN_BITS) + q, which carries into the exponent when q overflows.
+    """
+    sign = (bits >> 31) & 1
+    a = bits & 0x7FFFFFFF
+    e32 = a >> 23
+    sig = tl.where(e32 > 0, (a & 0x7FFFFF) | 0x800000, a & 0x7FFFFF)
+    e = tl.where(e32 > 0, e32 - 127, -126)
+    # Normalise float32 subnormals (a scale of 2**-127 can lift them into range): 5-step clz.
+    c = sig < (1 << 8)
+    sig = tl.where(c, sig << 16, sig)
+    e = tl.where(c, e - 16, e)
+    c = sig < (1 << 16)
+    sig = tl.where(c, sig << 8, sig)
+    e = tl.where(c, e - 8, e)
+    c = sig < (1 << 20)
+    sig = tl.where(c, sig << 4, sig)
+    e = tl.where(c, e - 4, e)
+    c = sig < (1 << 22)
+    sig = tl.where(c, sig << 2, sig)
+    e = tl.where(c, e - 2, e)
+    c = sig < (1 << 23)
+    sig = tl.where(c, sig << 1, sig)
+    e = tl.where(c, e - 1, e)
+    e = e - scale_exp
+    s = (23 - MAN_BITS) + tl.maximum(EMIN - e, 0)
+    # Keep at most SR_RES dropped bits (shift amounts stay below 32; sig < 2**24 fits).
+    extra = tl.minimum(tl.maximum(s - SR_RES, 0), 31)
+    sig_s = sig >> extra
+    s = tl.minimum(s, SR_RES)
+    if STOCHASTIC:
+        q = (sig_s + (rand >> (32 - s)).to(tl.int32)) >> s
+    else:
+        q = sig_s >> s
+        rem = sig_s & ((1 << s) - 1)
+        half = 1 << (s - 1)
+        q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
+    code = ((tl.maximum(e, EMIN) - EMIN) << MAN_BITS) + q
+    overflow = (code > MAX_CODE) | (e32 == 255)
+    if STOCHASTIC:
+        # SR overflows when |x| itself exceeds max normal, so in-range inputs keep both neighbours.
+        overflow = overflow | (e > EMAX) | ((e == EMAX) & (sig > MAX_SIG))
+    code = tl.where(overflow, OVERFLOW_CODE, code)
+    code = tl.where(a > 0x7F800000, NAN_CODE, code)
+    return code | (sign << SIGN_SHIFT)
+
+
+@triton.jit
+def _decode_code_tl(code, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
+                    SIGNED: tl.constexpr, HAS_INF: tl.constexpr, NAN_CODE: tl.constexpr):
+    """float32 value of int32 ``code``: built as float32 bits (normals) or m * 2**(emin - man) (subnormals)."""
+    MAG_BITS: tl.constexpr = EXP_BITS + MAN_BITS
+    mag = code & ((1 << MAG_BITS) - 1)
+    biased = mag >> MAN_BITS
+    man = mag & ((1 << MAN_BITS) - 1)
+    normal_bits = ((biased - BIAS + 127) << 23) | (man << (23 - MAN_BITS))
+    if MAN_BITS == 0:
+        # E8M0: code 0 is 2**-127, a float32 subnormal.
+        out_bits = tl.where(biased == 0, 0x00400000, normal_bits)
+    else:
+        sub = man.to(tl.float32) * (2.0 ** (1 - BIAS - MAN_BITS))
+        out_bits = tl.where(biased == 0, sub.to(tl.int32, bitcast=True), normal_bits)
+    if HAS_INF:
+        top = biased == (1 << EXP_BITS) - 1
+        out_bits = tl.where(top, tl.where(man == 0, 0x7F800000, 0x7FC00000), out_bits)
+    elif NAN_CODE >= 0:
+        out_bits = tl.where(mag == NAN_CODE, 0x7FC00000, out_bits)
+    if SIGNED:
+        out_bits = out_bits | (((code >> MAG_BITS) & 1) << 31)
+    return out_bits.to(tl.float32, bitcast=True)
+
+
+def round_constexprs(fmt: FloatFormat, saturate: bool) -> dict:
+    """Compile-time constants of ``_round_to_code_tl`` for ``fmt``."""
+    overflow = fmt.max_code if saturate else (fmt.inf_code if fmt.has_inf else fmt.nan_code)
+    max_sig = ((1 << fmt.man_bits) | (fmt.max_code & ((1 << fmt.man_bits) - 1))) << (23 - fmt.man_bits)
+    return dict(MAN_BITS=fmt.man_bits, EMIN=fmt.emin, EMAX=fmt.emax, MAX_CODE=fmt.max_code, MAX_SIG=max_sig,
+                OVERFLOW_CODE=overflow, NAN_CODE=fmt.nan_code if fmt.nan_code is not None else fmt.max_code,
+                SIGN_SHIFT=fmt.exp_bits + fmt.man_bits, SR_RES=SR_BITS)
+
+
+def decode_constexprs(fmt: FloatFormat) -> dict:
+    """Compile-time constants of ``_decode_code_tl`` for ``fmt``."""
+    return dict(EXP_BITS=fmt.exp_bits, MAN_BITS=fmt.man_bits, BIAS=fmt.bias, SIGNED=fmt.signed,
+                HAS_INF=fmt.has_inf, NAN_CODE=fmt.nan_code if fmt.nan_code is not None else -1)
+
+
+@triton.jit(do_not_specialize=["key"])
+def _cast_kernel(x_ptr, out_ptr, n, key, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+                 MAX_CODE: tl.constexpr, MAX_SIG: tl.constexpr, OVERFLOW_CODE: tl.constexpr,
+                 NAN_CODE: tl.constexpr, SIGN_SHIFT: tl.constexpr, SR_RES: tl.constexpr, EXP_BITS: tl.constexpr,
+                 BIAS: tl.constexpr, HAS_INF: tl.constexpr, DEC_NAN_CODE: tl.constexpr,
+                 STOCHASTIC: tl.constexpr, OUT_CODES: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    bits = x.to(tl.int32, bitcast=True)
+    if STOCHASTIC:
+        rand = _random_bits_tl(key, offs)
+    else:
+        rand = 0
+    code = _round_to_code_tl(bits, 0, rand, MAN_BITS, EMIN, EMAX, MAX_CODE, MAX_SIG, OVERFLOW_CODE, NAN_CODE,
+                             SIGN_SHIFT, STOCHASTIC, SR_RES)
+    if OUT_CODES:
+        tl.store(out_ptr + offs, code.to(tl.uint8), mask=mask)
+    else:
+        value = _decode_code_tl(code, EXP_BITS, MAN_BITS, BIAS, True, HAS_INF, DEC_NAN_CODE)
+        value = tl.where(x != x, x, value)  # NaN stays NaN even where the format has no NaN code
+        tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_kernel(code_ptr, out_ptr, n, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
+                   SIGNED: tl.constexpr, HAS_INF: tl.constexpr, NAN_CODE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    code = tl.load(code_ptr + offs, mask=mask, other=0).to(tl.int32)
+    code = code & ((1 << (EXP_BITS + MAN_BITS + SIGNED)) - 1)
+    value = _decode_code_tl(code, EXP_BITS, MAN_BITS, BIAS, SIGNED, HAS_INF, NAN_CODE)
+    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_for(backend: str) -> int:
+    # The interpreter pays per program: few large programs; on a GPU 1024 elements per program.
+    return 16384 if backend == "interpret" else 1024
+
+
+def _cast_launch(x: torch.Tensor, fmt: FloatFormat, rounding: str, seed: int | None, saturate: bool,
+                 out_codes: bool, backend: str) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=torch.uint8 if out_codes else x.dtype, device=x.device)
+    n = x.numel()
+    stochastic = rounding == "stochastic"
+    key = seed_key(seed) if stochastic else 0
+    if n == 0:
+        return out
+    block = _block_for(backend)
+    dec = decode_constexprs(fmt)
+    _cast_kernel[(triton.cdiv(n, block),)](
+        x, out, n, key, **round_constexprs(fmt, saturate), EXP_BITS=fmt.exp_bits, BIAS=fmt.bias,
+        HAS_INF=fmt.has_inf, DEC_NAN_CODE=dec["NAN_CODE"], STOCHASTIC=stochastic, OUT_CODES=out_codes,
+        BLOCK=block, num_warps=4)
+    return out
+
+
+def _decode_launch(codes: torch.Tensor, fmt: FloatFormat, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    n = codes.numel()
+    if n == 0:
+        return out
+    block = _block_for(backend)
+    _decode_kernel[(triton.cdiv(n, block),)](codes, out, n, **decode_constexprs(fmt), BLOCK=block, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def cast_to_fp_bits(x: torch.Tensor, fmt: str | FloatFormat, rounding: str = "nearest", seed: int | None = None,
+                    saturate: bool = True) -> torch.Tensor:
+    """Round ``x`` to ``fmt`` and return the codes.
+
+    Args: ``x`` [...] float32/bfloat16/float16; ``fmt`` "e4m3" | "e5m2" | "e2m1" or a FloatFormat;
+    ``rounding`` "nearest" | "stochastic"; ``seed`` for stochastic rounding (ignored for nearest);
+    ``saturate`` clamp overflow to +-max normal (see the module docstring for the other choice).
+    Returns: uint8 [...], same shape; E2M1 codes sit in the low 4 bits (sign = bit 3), unpacked.
+
+    >>> cast_to_fp_bits(torch.tensor([1.0, -448.0, 1e6]), "e4m3")
+    tensor([ 56, 254, 126], dtype=torch.uint8)
+    """
+    _check_float_input(x)
+    fmt = _check_element_format(fmt)
+    _check_rounding(rounding, saturate, fmt)
+    backend = select(x)
+    if backend == "reference":
+        return cast_to_fp_bits_reference(x, fmt, rounding, seed, saturate)
+    return _cast_launch(x.contiguous(), fmt, rounding, seed, saturate, True, backend)
+
+
+def cast_to_fp(x: torch.Tensor, fmt: str | FloatFormat, rounding: str = "nearest", seed: int | None = None,
+               saturate: bool = True) -> torch.Tensor:
+    """Round ``x`` to the values of ``fmt``, returned in ``x``'s dtype (fake quantisation).
+
+    Args as ``cast_to_fp_bits``. Returns: [...] of ``x.dtype``, every value exactly representable in
+    ``fmt`` (or NaN where ``x`` is NaN, or +-inf / NaN on overflow with ``saturate=False``).
+
+    >>> cast_to_fp(torch.tensor([0.3, 5.0, 100.0]), "e2m1")
+    tensor([0.5000, 4.0000, 6.0000])
+    """
+    _check_float_input(x)
+    fmt = _check_element_format(fmt)
+    _check_rounding(rounding, saturate, fmt)
+    backend = select(x)
+    if backend == "reference":
+        return cast_to_fp_reference(x, fmt, rounding, seed, saturate)
+    return _cast_launch(x.contiguous(), fmt, rounding, seed, saturate, False, backend)
+
+
+def decode_fp_bits(codes: torch.Tensor, fmt: str | FloatFormat, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values of ``fmt`` codes.
+
+    Args: ``codes`` [...] uint8 (E2M1: the low 4 bits are read, the high 4 ignored); ``fmt`` any of
+    e4m3/e5m2/e2m1/e8m0; ``dtype`` float32/bfloat16/float16/float64.
+    Returns: [...] ``dtype``; NaN codes give NaN, E5M2's inf codes give +-inf.
+
+    >>> decode_fp_bits(torch.tensor([56, 254], dtype=torch.uint8), "e4m3")
+    tensor([   1., -448.])
+    """
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes have dtype {codes.dtype}; expected torch.uint8")
+    fmt = get_format(fmt)
+    _check_output_dtype(dtype)
+    backend = select(codes)
+    if backend == "reference":
+        return decode_fp_bits_reference(codes, fmt, dtype)
+    return _decode_launch(codes.contiguous(), fmt, dtype, backend)
