@@ -1,0 +1,89 @@
+"""Command line: ``nexus train``, ``nexus prepare``, ``nexus bench``."""
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from nexus.config import load_config
+    from nexus.training.run import build_trainer
+
+    cfg = load_config(ns.config)
+    if ns.use_wandb:
+        cfg.training.use_wandb = True
+    trainer = build_trainer(cfg, device=ns.device, max_steps=ns.max_steps)
+    n_total = trainer.model.num_parameters()
+    n_active = trainer.model.num_parameters(active=True)
+    print(f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; device {trainer.device}")
+    result = trainer.train(resume_from=ns.resume)
+    print(f"stopped at step {result.step} ({result.stop_reason}); {result.tokens_seen:,} tokens; "
+          f"last checkpoint {result.last_checkpoint}")
+    return 3 if result.stop_reason == "nonfinite_loss" else 0
+
+
+def _prepare(ns: argparse.Namespace) -> int:
+    from nexus.config import load_config
+    from nexus.data import prepare_data
+
+    cfg = load_config(ns.config)
+    d = cfg.data
+    prepare_data(data_dir=d.data_dir, vocab_size=d.vocab_size, max_corpus_bytes=d.max_corpus_bytes,
+                 tokenizer_path=d.tokenizer_path, train_files=d.train_files, val_files=d.val_files,
+                 seed=cfg.training.seed)
+    return 0
+
+
+def _bench(ns: argparse.Namespace) -> int:
+    bench_dir = Path(ns.bench_dir)
+    scripts = sorted(p for p in bench_dir.glob("*.py") if not p.name.startswith("_"))
+    if ns.names:
+        scripts = [p for p in scripts if p.stem in ns.names]
+        missing = set(ns.names) - {p.stem for p in scripts}
+        if missing:
+            raise SystemExit(f"no benchmark named {sorted(missing)} in {bench_dir}")
+    if not scripts:
+        raise SystemExit(f"no benchmarks found in {bench_dir} (run from the repository root)")
+    sys.path.insert(0, str(bench_dir.parent.resolve()))
+    for script in scripts:
+        print(f"== {script.stem} ==", flush=True)
+        runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nexus", description="Train transformers with Nexus.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train the model of a config file")
+    train.add_argument("--config", required=True, help="YAML run file, e.g. configs/tiny.yaml")
+    train.add_argument("--resume", default=None, help="checkpoint file (or directory: the newest in it)")
+    train.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    train.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None)
+    train.add_argument("--use-wandb", "--use_wandb", dest="use_wandb", action="store_true")
+    train.set_defaults(run=_train)
+
+    prepare = sub.add_parser("prepare", help="build the corpus, train the tokenizer, write token files")
+    prepare.add_argument("--config", required=True)
+    prepare.set_defaults(run=_prepare)
+
+    bench = sub.add_parser("bench", help="run the benchmarks in bench/")
+    bench.add_argument("names", nargs="*", help="benchmark names (file stems); all when empty")
+    bench.add_argument("--bench-dir", default="bench")
+    bench.set_defaults(run=_bench)
+
+    ns = parser.parse_args(argv)
+    from nexus.config import ConfigError
+    from nexus.training.checkpoint import CheckpointError
+
+    try:
+        return ns.run(ns)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

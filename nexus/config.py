@@ -1,0 +1,222 @@
+"""Run configuration: YAML files mapped onto keyword-only dataclasses.
+
+A run file has up to five sections, each mapped onto one dataclass::
+
+    model:      MoEConfig            (nexus.models.moe)
+    data:       DataConfig
+    training:   TrainingArguments    (nexus.training.trainer)
+    optimizer:  OptimizerConfig
+
+An unknown or misspelt key, a value of the wrong type, or an impossible value stops loading with a
+``ConfigError`` that names the file and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or section is invalid; the message names the file and the key."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    """Where the tokens come from. With no ``train_files`` the embedded stdlib corpus is built."""
+
+    data_dir: str = "data/tiny"
+    vocab_size: int = 4096
+    max_corpus_bytes: int | None = 8_000_000
+    tokenizer_path: str | None = None
+    train_files: list[str] | None = None
+    val_files: list[str] | None = None
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.vocab_size < 256 + 4:
+            raise ValueError(f"vocab_size must be at least 260 for a byte-level BPE, got {self.vocab_size}")
+        if self.max_corpus_bytes is not None and self.max_corpus_bytes <= 0:
+            raise ValueError(f"max_corpus_bytes must be positive, got {self.max_corpus_bytes}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if (self.train_files is None) != (self.val_files is None):
+            raise ValueError("train_files and val_files must be given together")
+
+
+OPTIMIZER_TYPES = ("adamw", "muon", "soap", "lion", "sophia", "prodigy", "schedule_free")
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimizerConfig:
+    """Which optimizer and its settings; ``lr`` defaults to the training section's ``max_lr``."""
+
+    type: str = "adamw"
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    precondition_frequency: int = 10
+    max_precond_dim: int = 1024
+    rho: float = 0.04
+    hessian_update_period: int = 10
+    d0: float = 1e-6
+
+    def __post_init__(self):
+        if self.type not in OPTIMIZER_TYPES:
+            raise ValueError(f"type must be one of {', '.join(OPTIMIZER_TYPES)}, got {self.type!r}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        # YAML reads 100_000_000_000 as int and 1e11 as float: accept a float that is a whole number.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, where)
+    return value
+
+
+def build_dataclass(cls: type, values: dict | None, where: str) -> Any:
+    """Build ``cls`` from a mapping, rejecting unknown keys and wrong types; ``where`` prefixes errors."""
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        close = {k: _closest(k, fields) for k in unknown}
+        hint = "; ".join(f"{k!r}" + (f" (did you mean {c!r}?)" if c else "") for k, c in close.items())
+        raise ConfigError(f"{where}: unknown key {hint}; known keys: {', '.join(sorted(fields))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _closest(key: str, fields: dict) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.75)
+    return match[0] if match else None
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    """One training run: the sections of a YAML run file."""
+
+    model: Any
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    training: Any = None
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sections() -> dict[str, type]:
+    from nexus.models.moe import MoEConfig
+    from nexus.training.trainer import TrainingArguments
+
+    return {"model": MoEConfig, "data": DataConfig, "training": TrainingArguments, "optimizer": OptimizerConfig}
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
+    """Map a parsed run file onto ``RunConfig``; ``source`` names the file in errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    sections = _sections()
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section {', '.join(map(repr, unknown))}; known: {', '.join(sections)}")
+    if "model" not in raw:
+        raise ConfigError(f"{source}: the 'model' section is missing")
+    built = {name: build_dataclass(cls, raw.get(name), f"{source}: {name}") for name, cls in sections.items()}
+    cfg = RunConfig(**built)
+    if cfg.data.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"{source}: data.vocab_size ({cfg.data.vocab_size}) differs from model.vocab_size ({cfg.model.vocab_size})"
+        )
+    if cfg.training.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"{source}: training.seq_len ({cfg.training.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})"
+        )
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run file. Example: ``cfg = load_config("configs/tiny.yaml"); cfg.model.d_model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return config_from_dict(raw, str(path))
