@@ -181,17 +181,18 @@ def orthogonalize(G: torch.Tensor, steps: int | None = None, coeffs: Coeffs = DE
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels (imported lazily so that the reference path never needs Triton)
+# Triton kernels: defined only where Triton imports; the reference path never needs it
 # ----------------------------------------------------------------------------------------------
 
-_kernels: dict[str, object] = {}
 
 
-def _load_kernels() -> dict[str, object]:
-    if _kernels:
-        return _kernels
+try:
     import triton
     import triton.language as tl
+except ImportError:  # no Triton: the reference path still works
+    triton = None
+
+if triton is not None:
 
     @triton.jit
     def _syrk_kernel(x_ptr, c_ptr, out_ptr, M, K,
@@ -290,12 +291,8 @@ def _load_kernels() -> dict[str, object]:
                                  (64, 128, 64, 4, 4), (64, 64, 64, 4, 5)]
     ]
     # keys: only HAS_C changes the generated code (tensor dtypes are added to the key by Triton)
-    _kernels["syrk"] = _syrk_kernel
-    _kernels["update"] = _ns_update_kernel
-    _kernels["syrk_tuned"] = triton.autotune(syrk_configs, key=["HAS_C"])(_syrk_kernel)
-    _kernels["update_tuned"] = triton.autotune(update_configs, key=[])(_ns_update_kernel)
-    _kernels["tl"] = tl
-    return _kernels
+    _syrk_tuned = triton.autotune(syrk_configs, key=["HAS_C"])(_syrk_kernel)
+    _ns_update_tuned = triton.autotune(update_configs, key=[])(_ns_update_kernel)
 
 
 # Largest interpreter block: big blocks mean few programs (each costs the interpreter ~0.1 s here);
@@ -310,8 +307,6 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 def _syrk(X: torch.Tensor, out: torch.Tensor, alpha: float, C: torch.Tensor | None, beta: float,
           interpret: bool) -> None:
     """out[b] = alpha X[b] X[b]^T + beta C[b] for X (batch, M, K)."""
-    k = _load_kernels()
-    tl = k["tl"]
     batch, M, K = X.shape
     acc = tl.float64 if X.dtype == torch.float64 else tl.float32
     c = C if C is not None else out
@@ -320,31 +315,29 @@ def _syrk(X: torch.Tensor, out: torch.Tensor, alpha: float, C: torch.Tensor | No
         block_m = _pow2(M, 16, _INTERPRET_MAX_BLOCK)
         tiles = -(-M // block_m)
         grid = (tiles * (tiles + 1) // 2, batch)
-        k["syrk"][grid](*args, HAS_C=C is not None, BLOCK_M=block_m, BLOCK_K=_pow2(K, 16, 2 * _INTERPRET_MAX_BLOCK),
+        _syrk_kernel[grid](*args, HAS_C=C is not None, BLOCK_M=block_m, BLOCK_K=_pow2(K, 16, 2 * _INTERPRET_MAX_BLOCK),
                         UPCAST=X.dtype not in (torch.float32, torch.float64), ACC=acc)
     else:
         def grid(meta):
             tiles = -(-M // meta["BLOCK_M"])
             return (tiles * (tiles + 1) // 2, batch)
-        k["syrk_tuned"][grid](*args, HAS_C=C is not None, UPCAST=False, ACC=acc)
+        _syrk_tuned[grid](*args, HAS_C=C is not None, UPCAST=False, ACC=acc)
 
 
 def _update(Bm: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, interpret: bool) -> None:
     """out[b] = a X[b] + Bm[b] X[b]."""
-    k = _load_kernels()
-    tl = k["tl"]
     batch, M, K = X.shape
     acc = tl.float64 if X.dtype == torch.float64 else tl.float32
     args = (Bm, X, out, M, K, *Bm.stride(), *X.stride(), *out.stride(), a)
     if interpret:
         bm, bn = _pow2(M, 16, _INTERPRET_MAX_BLOCK), _pow2(K, 16, 2 * _INTERPRET_MAX_BLOCK)
         grid = (-(-M // bm) * -(-K // bn), batch)
-        k["update"][grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_pow2(M, 16, 2 * _INTERPRET_MAX_BLOCK), GROUP_M=8,
+        _ns_update_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_pow2(M, 16, 2 * _INTERPRET_MAX_BLOCK), GROUP_M=8,
                           UPCAST=X.dtype not in (torch.float32, torch.float64), ACC=acc)
     else:
         def grid(meta):
             return (-(-M // meta["BLOCK_M"]) * -(-K // meta["BLOCK_N"]), batch)
-        k["update_tuned"][grid](*args, UPCAST=False, ACC=acc)
+        _ns_update_tuned[grid](*args, UPCAST=False, ACC=acc)
 
 
 def _orthogonalize_kernels(G: torch.Tensor, flat_coeffs: list[float], eps: float) -> torch.Tensor:
