@@ -86,8 +86,8 @@ def _schedule(steps: int | None, coeffs: Coeffs) -> list[Triple]:
         raise TypeError(f"coeffs must be an (a, b, c) triple or a sequence of triples, got {coeffs!r}") from None
     if len(items) == 3 and all(isinstance(v, (int, float)) for v in items):
         n = 5 if steps is None else steps
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
         return [tuple(float(v) for v in items)] * n  # type: ignore[list-item]
     schedule = []
     for k, triple in enumerate(items):
@@ -174,8 +174,8 @@ def orthogonalize(G: torch.Tensor, steps: int | None = None, coeffs: Coeffs = DE
     _check(G, eps)
     schedule = _schedule(steps, coeffs)
     path = select(G)
-    if path == "reference" or G.numel() == 0 or not schedule:
-        return orthogonalize_reference(G, coeffs=schedule, eps=eps) if schedule else G.clone()
+    if path == "reference" or G.numel() == 0:
+        return orthogonalize_reference(G, coeffs=schedule, eps=eps)
     flat = [v for triple in schedule for v in triple]
     return _orthogonalize_op(G, flat, float(eps))
 
