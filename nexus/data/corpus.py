@@ -40,6 +40,30 @@ def _doc_key(rel: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{rel}".encode()).hexdigest()
 
 
+def _stdlib_files() -> list[tuple[str, Path, int]]:
+    """(relative path, path, size) of every standard-library `.py` file outside site-packages, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"standard library directory {root} does not exist")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Sort in place so os.walk descends in a deterministic order.
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                path = Path(dirpath) / name
+                found.append((path.relative_to(root).as_posix(), path, path.stat().st_size))
+    return sorted(found)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None  # a few test fixtures are deliberately not UTF-8
+    return text if text.strip() else None
+
+
 def stdlib_documents() -> list[tuple[str, str]]:
     """All `.py` files of the running Python's standard library as `(relative_path, text)`.
 
@@ -49,40 +73,27 @@ def stdlib_documents() -> list[tuple[str, str]]:
         docs = stdlib_documents()
         print(len(docs), docs[0][0])
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    if not root.is_dir():
-        raise FileNotFoundError(f"standard library directory {root} does not exist")
-    docs: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        # Sort in place so os.walk descends in a deterministic order.
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            path = Path(dirpath) / name
-            try:
-                text = path.read_bytes().decode("utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue  # a few test fixtures are deliberately not UTF-8
-            if text.strip():
-                docs.append((path.relative_to(root).as_posix(), text))
-    docs.sort(key=lambda d: d[0])
-    return docs
+    docs = [(rel, _read_text(path)) for rel, path, _ in _stdlib_files()]
+    return [(rel, text) for rel, text in docs if text is not None]
 
 
-def _select(docs, max_bytes, seed):
-    """Pick documents in hash order until max_bytes (UTF-8) is reached: a spread-out sample."""
-    sized = [(rel, text, len(text.encode("utf-8"))) for rel, text in docs]
-    if max_bytes is None:
-        return sized
+def _select(max_bytes, seed):
+    """Pick files in hash order until max_bytes (UTF-8, = file size) is reached: a spread-out sample."""
+    files = _stdlib_files()
+    if max_bytes is not None:
+        files = sorted(files, key=lambda d: _doc_key(d[0], seed))
     chosen, total = [], 0
-    for item in sorted(sized, key=lambda d: _doc_key(d[0], seed)):
-        if total + item[2] <= max_bytes:
-            chosen.append(item)
-            total += item[2]
+    for rel, path, size in files:
+        if max_bytes is not None and total + size > max_bytes:
+            continue
+        text = _read_text(path)
+        if text is not None:
+            # Decoding then encoding valid UTF-8 gives the same bytes, so size is the text's UTF-8 length.
+            chosen.append((rel, text, size))
+            total += size
     if not chosen:
         raise ValueError(f"max_bytes={max_bytes} is smaller than every standard-library file; "
-                         f"use at least {min(s[2] for s in sized)}")
+                         f"use at least {min(s for _, _, s in files if s > 0)}")
     return sorted(chosen, key=lambda d: d[0])
 
 
@@ -178,7 +189,7 @@ def build_default_corpus(out_dir, *, max_bytes: int | None = None, val_fraction:
     if found is not None:
         return found
 
-    train, val = _split(_select(stdlib_documents(), max_bytes, seed), val_fraction, seed)
+    train, val = _split(_select(max_bytes, seed), val_fraction, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / _MANIFEST).unlink(missing_ok=True)  # an interrupted build must not look complete
     for old in list(out_dir.glob("train_*.jsonl")) + list(out_dir.glob("val_*.jsonl")):

@@ -257,9 +257,6 @@ def train_bpe_tokenizer(files: Iterable, vocab_size: int, out_path, *,
     files = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
     if not files:
         raise ValueError("train_bpe_tokenizer needs at least one file")
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"training file {f} does not exist")
     special_tokens = list(special_tokens)
     if len(set(special_tokens)) != len(special_tokens):
         raise ValueError(f"special_tokens has duplicates: {special_tokens}")
@@ -267,6 +264,9 @@ def train_bpe_tokenizer(files: Iterable, vocab_size: int, out_path, *,
     if not isinstance(vocab_size, int) or vocab_size <= floor:
         raise ValueError(f"vocab_size must be an int > {floor} (256 bytes + {len(special_tokens)} special tokens), "
                          f"got {vocab_size!r}")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"training file {f} does not exist or is not a file")
 
     def texts():
         budget = max_bytes
