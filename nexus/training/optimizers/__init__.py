@@ -1,2 +1,6 @@
 """Optimizers: Lion, Sophia, Prodigy, Schedule-Free AdamW, SOAP, Muon."""
 # Each optimizer module adds its import line here.
+from nexus.training.optimizers.lion import Lion
+from nexus.training.optimizers.sophia import Sophia
+from nexus.training.optimizers.prodigy import Prodigy
+from nexus.training.optimizers.schedule_free import ScheduleFreeAdamW
