@@ -18,42 +18,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .tokenizer import TokenizerWrapper, _parse_line
+from .tokenizer import TokenizerWrapper, _parse_line, expand_shards
 
 __all__ = ["DolmaStreamingDataset", "DolmaMemoryMappedDataset", "write_token_file", "read_token_header",
            "token_dtype", "expand_shards"]
 
-_SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".txt", ".txt.gz")
 _TOKEN_FORMAT = "nexus-tokens"
 _TOKEN_VERSION = 1
 # Columns of the shared progress table, one row per dataloader worker of this rank.
 _VALID, _NUM_WORKERS, _EPOCH, _DOC, _OFFSET, _WINDOWS = range(6)
-
-
-def expand_shards(files) -> list[Path]:
-    """Shard paths from a path or list of paths; a directory stands for its shards, sorted.
-
-    Example:
-        expand_shards("data/tiny/corpus")  # [.../train_00000.jsonl, .../val_00000.jsonl]
-    """
-    if files is None:
-        return []
-    items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.name.lower().endswith(_SHARD_SUFFIXES))
-            if not found:
-                raise FileNotFoundError(f"directory {p} holds no shards ({', '.join(_SHARD_SUFFIXES)})")
-            out.extend(found)
-        elif p.is_file():
-            if not p.name.lower().endswith(_SHARD_SUFFIXES):
-                raise ValueError(f"{p}: unsupported shard type; expected one of {', '.join(_SHARD_SUFFIXES)}")
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"shard {p} does not exist")
-    return out
 
 
 def _raw_documents(path: Path) -> Iterator[tuple[str, int]]:
@@ -359,6 +332,8 @@ class DolmaMemoryMappedDataset(Dataset):
     @property
     def tokens(self) -> np.ndarray:
         """The whole token file as a read-only numpy memmap of shape (n_tokens,)."""
+        if self.n_tokens == 0:
+            return np.empty(0, dtype=self.dtype)  # numpy cannot map an empty file
         if self._mm is None:
             self._mm = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
         return self._mm

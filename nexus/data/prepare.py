@@ -19,6 +19,7 @@ __all__ = ["PreparedData", "prepare_data"]
 
 _MANIFEST = "prepare.json"
 _TOKENIZE_BATCH_DOCS = 256  # enough documents per Rust call to use both cores
+_TOKENIZER_TRAIN_CHARS = 64 * 2**20  # BPE merges settle long before this; keeps big corpora fast
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def prepare_data(*, data_dir, vocab_size: int, max_corpus_bytes: int | None = No
         _log(f"tokenizer: {tok_path} is up to date ({tok.vocab_size} ids)")
     else:
         t0 = time.perf_counter()
-        tok = train_bpe_tokenizer(train_files, vocab_size, tok_path)
+        tok = train_bpe_tokenizer(train_files, vocab_size, tok_path, max_bytes=_TOKENIZER_TRAIN_CHARS)
         _log(f"tokenizer: trained byte-level BPE, {tok.vocab_size} ids, in {time.perf_counter() - t0:.1f}s "
              f"-> {tok_path}")
         old = {}  # token files made with another tokenizer are stale

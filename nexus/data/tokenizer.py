@@ -15,7 +15,9 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-__all__ = ["TokenizerWrapper", "train_bpe_tokenizer", "iter_documents"]
+__all__ = ["TokenizerWrapper", "train_bpe_tokenizer", "iter_documents", "expand_shards"]
+
+_SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".txt", ".txt.gz")
 
 DEFAULT_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 # Names used by common tokenizers for each role, tried in order when a tokenizer.json is loaded.
@@ -207,6 +209,32 @@ def _out_file(path) -> Path:
     return path / "tokenizer.json" if path.suffix != ".json" else path
 
 
+def expand_shards(files) -> list[Path]:
+    """Shard paths from a path or list of paths; a directory stands for its shards, sorted.
+
+    Example:
+        expand_shards("data/tiny/corpus")  # [.../train_00000.jsonl, .../val_00000.jsonl]
+    """
+    if files is None:
+        return []
+    items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.name.lower().endswith(_SHARD_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f"directory {p} holds no shards ({', '.join(_SHARD_SUFFIXES)})")
+            out.extend(found)
+        elif p.is_file():
+            if not p.name.lower().endswith(_SHARD_SUFFIXES):
+                raise ValueError(f"{p}: unsupported shard type; expected one of {', '.join(_SHARD_SUFFIXES)}")
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"shard {p} does not exist")
+    return out
+
+
 def iter_documents(path, text_field: str = "text") -> Iterator[str]:
     """Texts of one shard: JSONL (`.jsonl`, `.json`, optionally `.gz`), one document per line; `.txt`: the file.
 
@@ -248,15 +276,12 @@ def train_bpe_tokenizer(files: Iterable, vocab_size: int, out_path, *,
     Byte-level means every string round-trips: `decode(encode(s)) == s`. `vocab_size` counts the
     256 byte tokens and the special tokens (ids 0..len(special_tokens)-1, in the order given);
     a small corpus may give fewer merges, hence a smaller vocabulary. `max_bytes` caps the text
-    read for training (documents in order).
+    read for training (counted in characters; whole documents, in order).
 
     Example:
         tok = train_bpe_tokenizer(["data/tiny/corpus/train_00000.jsonl"], 4096, "data/tiny/tokenizer.json")
         tok.decode(tok.encode("print('hé')"))  # "print('hé')"
     """
-    files = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
-    if not files:
-        raise ValueError("train_bpe_tokenizer needs at least one file")
     special_tokens = list(special_tokens)
     if len(set(special_tokens)) != len(special_tokens):
         raise ValueError(f"special_tokens has duplicates: {special_tokens}")
@@ -264,9 +289,9 @@ def train_bpe_tokenizer(files: Iterable, vocab_size: int, out_path, *,
     if not isinstance(vocab_size, int) or vocab_size <= floor:
         raise ValueError(f"vocab_size must be an int > {floor} (256 bytes + {len(special_tokens)} special tokens), "
                          f"got {vocab_size!r}")
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"training file {f} does not exist or is not a file")
+    files = expand_shards(files)
+    if not files:
+        raise ValueError("train_bpe_tokenizer needs at least one file")
 
     def texts():
         budget = max_bytes

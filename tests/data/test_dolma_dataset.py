@@ -229,6 +229,9 @@ def test_memmap_in_dataloader_workers(tmp_path):
 def test_memmap_shorter_than_window_is_empty(tmp_path):
     write_token_file(tmp_path / "t.bin", np.arange(10), 100)
     assert len(DolmaMemoryMappedDataset(tmp_path / "t.bin", seq_len=10, n_pred_tokens=1)) == 0
+    write_token_file(tmp_path / "e.bin", [], 100)
+    empty = DolmaMemoryMappedDataset(tmp_path / "e.bin", seq_len=4)
+    assert len(empty) == 0 and empty.tokens.shape == (0,)
 
 
 def test_corrupt_header_names_file(tmp_path):

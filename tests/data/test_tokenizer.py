@@ -102,7 +102,7 @@ def test_train_from_txt_and_jsonl_gz(tmp_path):
     with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
         for d in docs[1:]:
             f.write(json.dumps({"text": d}) + "\n")
-    tok = train_bpe_tokenizer([tmp_path / "a.txt", tmp_path / "b.jsonl.gz"], 400, tmp_path / "out",
+    tok = train_bpe_tokenizer(tmp_path, 400, tmp_path / "out",  # a directory stands for its shards
                               special_tokens=("<pad>", "<eos>"))
     assert tok.path == tmp_path / "out" / "tokenizer.json"
     assert tok.vocab_size == 400
