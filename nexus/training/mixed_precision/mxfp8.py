@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import nexus_kernels
+from nexus_kernels.formats import get_format
 from nexus.training.mixed_precision.fp8 import DEFAULT_SKIP, replace_linears
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
 ]
 
 BLOCK_SIZES = (32, 64)
-ELEMENT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m1": 6.0}
 
 
 def _fresh_seed() -> int:
@@ -49,17 +49,30 @@ def mx_quantize_dequantize(
     """Round ``x`` to the values an MX tensor (blocks along ``dim``) can hold; same shape and dtype.
 
     elem: "e4m3" | "e5m2" | "e2m1". block_size None means one float32 scale for the whole tensor
-    (amax / element max) instead of E8M0 block scales. rounding: "nearest" | "stochastic".
+    (amax / element max) instead of E8M0 block scales. rounding: "nearest" (OCP MX exactly) or
+    "stochastic": unbiased, E[result] = x. The OCP scale maps a block's amax into
+    [2**emax, 2**(emax+1)), above max_normal for some blocks, and saturation there would bias the
+    rounding; so stochastic rounding also multiplies each block by max_normal / 2**(emax+1)
+    (3/4 for E2M1) before the cast and divides after (Tseng et al., 2025, "Training LLMs with
+    MXFP4"), a factor that hardware folds into the GEMM output scale.
     Example: ``xq = mx_quantize_dequantize(torch.randn(4, 64), "e4m3", 32)``
-             ``(xq - x).abs() <= x.abs().amax() / 8`` elementwise, roughly
+             ``xs = mx_quantize_dequantize(g, "e2m1", 32, rounding="stochastic", seed=0)``
     """
     if x.numel() == 0:
         return x.clone()
+    fmt = get_format(elem)
     moved = x.movedim(dim, -1).contiguous()
     if block_size is None:
         amax = moved.detach().abs().amax().float()
-        scale = torch.where(amax > 0, amax / ELEMENT_MAX[elem], torch.ones_like(amax))
+        scale = torch.where(amax > 0, amax / fmt.max_normal, torch.ones_like(amax))
         q = nexus_kernels.cast_to_fp(moved.float() / scale, elem, rounding=rounding, seed=seed) * scale
+    elif rounding == "stochastic":
+        _, scales = nexus_kernels.to_mx(moved, elem=elem, block_size=block_size)
+        k = moved.shape[-1]
+        block_scale = torch.exp2(scales.float() - 127.0).repeat_interleave(block_size, dim=-1)[..., :k]
+        shrink = fmt.max_normal / 2.0 ** (fmt.emax + 1)
+        v = moved.float() / block_scale * shrink
+        q = nexus_kernels.cast_to_fp(v, elem, rounding="stochastic", seed=seed) * (block_scale / shrink)
     else:
         elements, scales = nexus_kernels.to_mx(moved, elem=elem, block_size=block_size, rounding=rounding, seed=seed)
         q = nexus_kernels.from_mx(
@@ -83,10 +96,11 @@ class _MXLinearFunction(torch.autograd.Function):
     """y = Q(x) Q(W)^T + b; backward with Q along each GEMM's reduction dimension (see module doc)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec):
+    def forward(ctx, x, weight, bias, spec, weight_is_quantized):
         x2 = x.reshape(-1, x.shape[-1])
         xq = mx_quantize_dequantize(x2, spec.forward_elem, spec.block_size).float()
-        wq = mx_quantize_dequantize(weight, spec.forward_elem, spec.block_size).float()
+        # A packed weight is already on the MX grid (re-quantizing would return it unchanged).
+        wq = weight.float() if weight_is_quantized else mx_quantize_dequantize(weight, spec.forward_elem, spec.block_size).float()
         y = xq @ wq.t()
         if bias is not None:
             y = y + bias.float()
@@ -118,19 +132,27 @@ class _MXLinearFunction(torch.autograd.Function):
             dw = (grad_q(dy2, 0).t() @ x_m).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(weight.dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
-def mx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: MXSpec) -> torch.Tensor:
+def mx_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    spec: MXSpec,
+    *,
+    weight_is_quantized: bool = False,
+) -> torch.Tensor:
     """Block-scaled low-precision linear ``x @ weight.T + bias``, differentiable (emulated GEMM).
 
     x: [..., K] float; weight: [N, K]; bias: [N] or None; returns [..., N] in x's dtype.
+    ``weight_is_quantized``: the weight already holds MX values blocked along K (skips one cast).
     Example: ``y = mx_linear(torch.randn(8, 64), torch.randn(32, 64), None, MXSpec("e4m3", "e5m2", 32))``
              ``y.shape == (8, 32)``
     """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but weight expects {weight.shape[1]}")
-    return _MXLinearFunction.apply(x, weight, bias, spec)
+    return _MXLinearFunction.apply(x, weight, bias, spec, weight_is_quantized)
 
 
 class MXLinearBase(nn.Linear):
@@ -149,8 +171,9 @@ class MXLinearBase(nn.Linear):
         return "weight_elements" in self._buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantized_weight() if self.packed else self.weight
-        return mx_linear(x, weight, self.bias, self.spec)
+        if self.packed:
+            return mx_linear(x, self.dequantized_weight(), self.bias, self.spec, weight_is_quantized=True)
+        return mx_linear(x, self.weight, self.bias, self.spec)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as the forward GEMM sees it: [out_features, in_features] ``dtype``."""
@@ -175,7 +198,7 @@ class MXLinearBase(nn.Linear):
             codes, scales = nexus_kernels.to_mx(w, elem=elem, block_size=bs)
         else:
             amax = w.abs().amax()
-            scales = torch.where(amax > 0, amax / ELEMENT_MAX[elem], torch.ones_like(amax)).reshape(1)
+            scales = torch.where(amax > 0, amax / get_format(elem).max_normal, torch.ones_like(amax)).reshape(1)
             codes = nexus_kernels.cast_to_fp_bits(w / scales, elem)
             if elem == "e2m1":
                 # Two 4-bit codes per byte, low nibble first; pad an odd row with a zero code.
