@@ -12,7 +12,7 @@ import os
 import random
 from collections import deque
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
