@@ -155,8 +155,9 @@ class MoEConfig:
 
 
 # The 5B production model of seed 004 (d_model 2048, 32 layers, 16 experts top-2, MoD 0.75, 4 tokens).
-# Sized so that total parameters are about 5.0B and per-token active parameters about 1.6B
-# (asserted on the meta device in tests/models/moe/test_model.py).
+# Sized to 5.03B total and 1.60B per-token active parameters (asserted on the meta device in
+# tests/models/moe/test_model.py): 24 GQA + 8 RoM mixers, MoE in every layer (16 routed + 2
+# shared experts of hidden 1024), MoD in every other layer, 3 MTP heads.
 FIVE_B_CONFIG: dict = dict(
     vocab_size=50257,
     d_model=2048,
@@ -184,15 +185,16 @@ FIVE_B_CONFIG: dict = dict(
     n_pred_tokens=4,
 )
 
-# A model that trains on two CPU cores in fp32 (every feature on somewhere).
+# A model that trains on two CPU cores in fp32 (every feature on somewhere): 2.24M parameters,
+# 1.94M active. Layers 0, 2: attention + dense; 1: MoD(attention + MoE); 3: MoD(RoM + MoE).
 TINY_CONFIG: dict = dict(
     vocab_size=4096,
     d_model=128,
     n_layers=4,
     n_heads=4,
     n_kv_heads=2,
-    d_ff=256,
-    d_ff_dense=512,
+    d_ff=128,
+    d_ff_dense=256,
     max_seq_len=256,
     use_moe=True,
     n_experts=4,

@@ -113,7 +113,8 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
+        # explicit weight: skips Embedding's own init, which init_weights redoes anyway
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model, _weight=torch.empty(c.vocab_size, c.d_model))
         layers = []
         for i in range(c.n_layers):
             spec = c.layer_spec(i)
@@ -130,7 +131,10 @@ class MoETransformer(nn.Module):
 
     def init_weights(self) -> None:
         """Normal(0, init_std) for projections and embeddings; residual output projections get
-        init_std / sqrt(2 * n_layers) (GPT-2) so the residual stream does not grow with depth."""
+        init_std / sqrt(2 * n_layers) (GPT-2) so the residual stream does not grow with depth.
+        Parameters on the meta device hold no data and are left alone (call again after to_empty)."""
+        if any(p.is_meta for p in self.parameters()):  # meta normal_ is a slow python decomposition
+            return
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         out_names = ("o_proj", "down_proj", "out_experts")
