@@ -319,6 +319,19 @@ def _decode_code_tl(code, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: 
     return out_bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _store_float_tl(ptr, value, mask, OUT_BF16: tl.constexpr):
+    """Store float32 ``value`` to ``ptr``'s dtype; bfloat16 rounds in integers (the interpreter's
+    float32 -> bfloat16 cast is wrong on subnormals): RNE on the top 16 bits, NaN kept quiet."""
+    if OUT_BF16:
+        b = value.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(value != value, (b >> 16) | 0x40, r)
+        tl.store(ptr, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
 def round_constexprs(fmt: FloatFormat, saturate: bool) -> dict:
     """Compile-time constants of ``_round_to_code_tl`` for ``fmt``."""
     overflow = fmt.max_code if saturate else (fmt.inf_code if fmt.has_inf else fmt.nan_code)
@@ -339,7 +352,7 @@ def _cast_kernel(x_ptr, out_ptr, n, key, MAN_BITS: tl.constexpr, EMIN: tl.conste
                  MAX_CODE: tl.constexpr, MAX_SIG: tl.constexpr, OVERFLOW_CODE: tl.constexpr,
                  NAN_CODE: tl.constexpr, SIGN_SHIFT: tl.constexpr, SR_RES: tl.constexpr, EXP_BITS: tl.constexpr,
                  BIAS: tl.constexpr, HAS_INF: tl.constexpr, DEC_NAN_CODE: tl.constexpr,
-                 STOCHASTIC: tl.constexpr, OUT_CODES: tl.constexpr, BLOCK: tl.constexpr):
+                 STOCHASTIC: tl.constexpr, OUT_CODES: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -355,18 +368,19 @@ def _cast_kernel(x_ptr, out_ptr, n, key, MAN_BITS: tl.constexpr, EMIN: tl.conste
     else:
         value = _decode_code_tl(code, EXP_BITS, MAN_BITS, BIAS, True, HAS_INF, DEC_NAN_CODE)
         value = tl.where(x != x, x, value)  # NaN stays NaN even where the format has no NaN code
-        tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_float_tl(out_ptr + offs, value, mask, OUT_BF16)
 
 
 @triton.jit
 def _decode_kernel(code_ptr, out_ptr, n, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
-                   SIGNED: tl.constexpr, HAS_INF: tl.constexpr, NAN_CODE: tl.constexpr, BLOCK: tl.constexpr):
+                   SIGNED: tl.constexpr, HAS_INF: tl.constexpr, NAN_CODE: tl.constexpr, OUT_BF16: tl.constexpr,
+                   BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     code = tl.load(code_ptr + offs, mask=mask, other=0).to(tl.int32)
     code = code & ((1 << (EXP_BITS + MAN_BITS + SIGNED)) - 1)
     value = _decode_code_tl(code, EXP_BITS, MAN_BITS, BIAS, SIGNED, HAS_INF, NAN_CODE)
-    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_float_tl(out_ptr + offs, value, mask, OUT_BF16)
 
 
 def _block_for(backend: str) -> int:
@@ -387,7 +401,7 @@ def _cast_launch(x: torch.Tensor, fmt: FloatFormat, rounding: str, seed: int | N
     _cast_kernel[(triton.cdiv(n, block),)](
         x, out, n, key, **round_constexprs(fmt, saturate), EXP_BITS=fmt.exp_bits, BIAS=fmt.bias,
         HAS_INF=fmt.has_inf, DEC_NAN_CODE=dec["NAN_CODE"], STOCHASTIC=stochastic, OUT_CODES=out_codes,
-        BLOCK=block, num_warps=4)
+        OUT_BF16=out.dtype == torch.bfloat16, BLOCK=block, num_warps=4)
     return out
 
 
@@ -397,7 +411,8 @@ def _decode_launch(codes: torch.Tensor, fmt: FloatFormat, dtype: torch.dtype, ba
     if n == 0:
         return out
     block = _block_for(backend)
-    _decode_kernel[(triton.cdiv(n, block),)](codes, out, n, **decode_constexprs(fmt), BLOCK=block, num_warps=4)
+    _decode_kernel[(triton.cdiv(n, block),)](codes, out, n, **decode_constexprs(fmt), OUT_BF16=dtype == torch.bfloat16,
+                                             BLOCK=block, num_warps=4)
     return out
 
 

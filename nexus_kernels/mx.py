@@ -34,6 +34,7 @@ from nexus_kernels.cast import (
     _decode_code_tl,
     _random_bits_tl,
     _round_to_code_tl,
+    _store_float_tl,
     decode_constexprs,
     decode_fp_bits_reference,
     random_bits_reference,
@@ -190,7 +191,7 @@ def _to_mx_kernel(x_ptr, elem_ptr, scale_ptr, n_blocks, K, NB, key, MAN_BITS: tl
 @triton.jit
 def _from_mx_kernel(elem_ptr, scale_ptr, out_ptr, n_blocks, K, NB, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr,
                     BIAS: tl.constexpr, SIGNED: tl.constexpr, HAS_INF: tl.constexpr, NAN_CODE: tl.constexpr,
-                    PACKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+                    PACKED: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     blk_ok = blk < n_blocks
     row = blk // NB
@@ -210,9 +211,8 @@ def _from_mx_kernel(elem_ptr, scale_ptr, out_ptr, n_blocks, K, NB, EXP_BITS: tl.
         v_odd = _decode_code_tl(byte >> 4, EXP_BITS, MAN_BITS, BIAS, SIGNED, HAS_INF, NAN_CODE) * scale[:, None]
         col = 2 * pcol
         idx = row[:, None] * K + col
-        ty = out_ptr.dtype.element_ty
-        tl.store(out_ptr + idx, v_even.to(ty), mask=blk_ok[:, None] & (col < K))
-        tl.store(out_ptr + idx + 1, v_odd.to(ty), mask=blk_ok[:, None] & (col + 1 < K))
+        _store_float_tl(out_ptr + idx, v_even, blk_ok[:, None] & (col < K), OUT_BF16)
+        _store_float_tl(out_ptr + idx + 1, v_odd, blk_ok[:, None] & (col + 1 < K), OUT_BF16)
     else:
         i = tl.arange(0, BLOCK_SIZE)
         col = j[:, None] * BLOCK_SIZE + i[None, :]
@@ -220,7 +220,7 @@ def _from_mx_kernel(elem_ptr, scale_ptr, out_ptr, n_blocks, K, NB, EXP_BITS: tl.
         mask = blk_ok[:, None] & (col < K)
         code = tl.load(elem_ptr + idx, mask=mask, other=0).to(tl.int32)
         value = _decode_code_tl(code, EXP_BITS, MAN_BITS, BIAS, SIGNED, HAS_INF, NAN_CODE) * scale[:, None]
-        tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_float_tl(out_ptr + idx, value, mask, OUT_BF16)
 
 
 def _blocks_per_program(backend: str, block_size: int) -> int:
@@ -257,7 +257,7 @@ def _from_mx_launch(elements: torch.Tensor, scales: torch.Tensor, fmt: FloatForm
     blocks = _blocks_per_program(backend, block_size)
     _from_mx_kernel[(triton.cdiv(n_blocks, blocks),)](
         elements, scales, out, n_blocks, k, scales.shape[-1], **decode_constexprs(fmt), PACKED=fmt is E2M1,
-        BLOCK_SIZE=block_size, BLOCKS=blocks, num_warps=4)
+        OUT_BF16=dtype == torch.bfloat16, BLOCK_SIZE=block_size, BLOCKS=blocks, num_warps=4)
     return out
 
 
