@@ -191,3 +191,35 @@ def test_build_scheduler_errors_name_the_problem():
 def test_invalid_arguments_name_the_culprit(make, name):
     with pytest.raises(ValueError, match=name):
         make(_sgd())
+
+
+def test_seed_training_loop_runs_as_written():
+    # Seed 001's quick start and seed 004's scheduler call, with a real model and batches.
+    torch.manual_seed(10)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    dataloader = [torch.randn(16, 4) for _ in range(6)]
+    optimizer = Lion(model.parameters(), lr=1e-4, weight_decay=1.0)
+    scheduler = WSDScheduler(
+        optimizer,
+        warmup_steps=2,
+        stable_steps=2,
+        decay_steps=2,
+        peak_lr=1e-3,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    for step, batch in enumerate(dataloader):
+        loss = model(batch).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    cosine = CosineScheduleWithWarmup(
+        optimizer=optimizer,
+        warmup_steps=2000,
+        max_steps=100000,
+        max_lr=1e-3,
+        min_lr=1e-4,
+    )
+    assert cosine.get_last_lr() == [0.0]

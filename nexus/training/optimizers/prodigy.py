@@ -16,7 +16,9 @@ only grows (Algorithm 4 of the paper, beta3 = sqrt(beta2) by default)::
 in ``group["d"]``. Each group's own ``lr`` scales its share of r and s, which reduces to the
 paper when all groups use the same lr (a group with lr 0 is frozen and estimates nothing).
 The reference code (``prodigyopt``) drops the (1 - beta3) factor and divides by d0 in both r
-and s; the factors cancel in d_hat, so the iterates agree with the paper's.
+and s; the factors cancel in d_hat. Its one real difference: the denominator adds d_{k+1} * eps
+where the paper (and this class) adds d_k * eps; with eps -> 0 the two agree to 1e-11 (checked
+against prodigyopt 1.1.2 over 20 float64 steps).
 """
 from __future__ import annotations
 
