@@ -44,6 +44,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, lr: float) -> 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, max_steps: int):
+    if args.lr_schedule == "constant":
+        return None
     from nexus.training.schedulers import build_scheduler as build
 
     if args.lr_schedule == "cosine":
@@ -54,8 +56,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, m
         return build(optimizer, "wsd", warmup_steps=args.warmup_steps,
                      stable_steps=max(max_steps - args.warmup_steps - decay, 0), decay_steps=decay,
                      peak_lr=args.max_lr, min_lr=args.min_lr)
-    if args.lr_schedule == "constant":
-        return None
     raise ValueError(f"training.lr_schedule must be cosine, wsd or constant, got {args.lr_schedule!r}")
 
 
