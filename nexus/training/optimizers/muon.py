@@ -1,0 +1,285 @@
+"""Muon: MomentUm Orthogonalized by Newton-Schulz (Jordan et al., 2024).
+
+For each hidden weight matrix W with gradient G::
+
+    M <- mu M + (1 - mu) G                              # momentum buffer
+    U  = (1 - mu) G + mu M   if nesterov else M          # Nesterov look-ahead
+    O  = orthogonalize(U)                                # ~ polar factor: singular values ~ 1
+    W <- W (1 - lr wd) - lr max(1, rows/cols)^0.5 O      # decoupled weight decay
+
+Scale choice: ``max(1, rows/cols) ** 0.5`` (KellerJordan/Muon). O has unit singular values, so
+its per-entry RMS is ``sqrt(1/cols)`` for a wide matrix and ``sqrt(1/rows)`` for a tall one;
+the factor restores ``sqrt(1/cols)`` for tall matrices, so every layer's update has the same
+RMS per input unit and one lr serves all shapes.
+
+Orthogonalization is only defined for matrices: a 2D parameter is one matrix, a 3D one a stack
+of matrices (e.g. MoE experts ``(E, d_in, d_out)``, one batched launch), a 4D convolution weight
+``(out, in, kh, kw)`` is flattened to ``(out, in*kh*kw)``. A 1D or 0D parameter in a Muon group
+is an error, never silently given another rule: put it in a group with ``use_muon=False``
+(AdamW, same optimizer object), which ``get_muon_optimizer`` does for you.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from nexus_kernels.newton_schulz import DEFAULT_COEFFS, orthogonalize
+from nexus_kernels.newton_schulz import _schedule as _ns_schedule
+
+__all__ = ["Muon", "adamw_update", "get_muon_optimizer", "muon_update", "update_scale"]
+
+
+def _as_matrices(t: Tensor) -> Tensor:
+    """2D: as is; 3D: a stack of matrices; 4D+ (conv): flattened to (shape[0], rest)."""
+    return t if t.dim() in (2, 3) else t.reshape(t.shape[0], -1)
+
+
+def update_scale(shape: Sequence[int]) -> float:
+    """``max(1, rows/cols) ** 0.5`` for the matrix Muon orthogonalizes for a parameter of ``shape``.
+
+    Example::
+
+        update_scale((3072, 768))   # 2.0: tall matrices get sqrt(rows/cols)
+    """
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"Muon updates matrices; shape {shape} has fewer than 2 dims")
+    rows, cols = (shape[-2], shape[-1]) if len(shape) in (2, 3) else (shape[0], math.prod(shape[1:]))
+    return max(1.0, rows / max(cols, 1)) ** 0.5
+
+
+def muon_update(grad: Tensor, momentum_buffer: Tensor, *, momentum: float = 0.95, nesterov: bool = True,
+                ns_steps: int = 5, coeffs=DEFAULT_COEFFS) -> Tensor:
+    """Momentum, Nesterov, orthogonalize, scale: the Muon direction for one parameter.
+
+    Args:
+        grad: gradient, 2D, 3D (stack) or 4D (conv) tensor.
+        momentum_buffer: same shape, updated in place (``M <- mu M + (1 - mu) G``).
+        momentum, nesterov, ns_steps, coeffs: as in ``Muon``.
+
+    Returns:
+        The update (without lr), same shape as ``grad``, in ``momentum_buffer``'s dtype. On CUDA
+        the Newton-Schulz iteration runs in bfloat16 (fp32 accumulation), elsewhere in the
+        buffer's dtype.
+
+    Example::
+
+        G, M = torch.randn(64, 128), torch.zeros(64, 128)
+        O = muon_update(G, M)       # O's singular values ~ 1 (in about [0.68, 1.13])
+    """
+    momentum_buffer.lerp_(grad.to(momentum_buffer.dtype), 1.0 - momentum)
+    update = grad.to(momentum_buffer.dtype).lerp_(momentum_buffer, momentum) if nesterov else momentum_buffer
+    matrices = _as_matrices(update)
+    if matrices.is_cuda:  # bf16 matmuls at full tensor-core rate; NS tolerates the rounding
+        matrices = matrices.bfloat16()
+    out = orthogonalize(matrices, steps=ns_steps, coeffs=coeffs)
+    out = out.to(momentum_buffer.dtype) * update_scale(grad.shape)
+    return out.reshape(grad.shape)
+
+
+def adamw_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *, betas=(0.9, 0.95),
+                 eps: float = 1e-8) -> Tensor:
+    """Bias-corrected Adam direction ``m_hat / (sqrt(v_hat) + eps)``; moments updated in place.
+
+    Example::
+
+        g, m, v = torch.randn(10), torch.zeros(10), torch.zeros(10)
+        d = adamw_update(g, m, v, step=1)   # == sign(g) up to eps on the first step
+    """
+    beta1, beta2 = betas
+    g = grad.to(exp_avg.dtype)
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = (exp_avg_sq / (1.0 - beta2**step)).sqrt_().add_(eps)
+    return (exp_avg / (1.0 - beta1**step)) / denom
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    """Optimizer state in float32 for 16-bit parameters (float64 stays float64)."""
+    return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for hidden matrices, with AdamW for the groups marked ``use_muon=False``.
+
+    Args:
+        params: parameters or param groups. A group's ``use_muon`` (default True) picks the rule;
+            ``use_muon=True`` groups must hold only parameters with 2 or more dims.
+        lr: learning rate (Muon groups: the spectral step size; 0.02 is KellerJordan's default).
+        momentum: Muon momentum mu in [0, 1).
+        nesterov: use the Nesterov look-ahead ``(1 - mu) G + mu M``.
+        weight_decay: decoupled, ``W <- W (1 - lr wd)``, applied before the update.
+        ns_steps: Newton-Schulz iterations (must equal ``len(coeffs)`` for a schedule).
+        coeffs: one (a, b, c) triple or a per-step schedule (``polar_express_coeffs``).
+        betas, eps: AdamW settings for ``use_muon=False`` groups.
+
+    Example::
+
+        opt = Muon([{"params": [w1, w2]}, {"params": [bias], "use_muon": False, "lr": 3e-4}], lr=0.02)
+        loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, coeffs=DEFAULT_COEFFS,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps, coeffs=coeffs, betas=tuple(betas), eps=eps, use_muon=True)
+        _validate(defaults, where="Muon")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate(group, where=f"param group {len(self.param_groups) - 1}")
+        if group["use_muon"]:
+            for i, p in enumerate(group["params"]):
+                if p.dim() < 2:
+                    raise ValueError(
+                        f"Muon orthogonalizes matrices, but param group {len(self.param_groups) - 1} "
+                        f"(use_muon=True) holds parameter {i} of shape {tuple(p.shape)}: put 1D/0D "
+                        "parameters (biases, norms) in a group with use_muon=False, or build the "
+                        "optimizer with get_muon_optimizer(model)")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One step for every parameter with a gradient; returns ``closure()``'s loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Muon does not support sparse gradients (use dense gradients, "
+                                       "e.g. nn.Embedding(sparse=False))")
+                state = self.state[p]
+                if group["use_muon"]:
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                    update = muon_update(p.grad, state["momentum_buffer"], momentum=group["momentum"],
+                                         nesterov=group["nesterov"], ns_steps=group["ns_steps"],
+                                         coeffs=group["coeffs"])
+                else:
+                    if "step" not in state:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                    state["step"] += 1
+                    update = adamw_update(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                          betas=group["betas"], eps=group["eps"])
+                if group["weight_decay"] != 0.0:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but state keeps its saved dtype (torch casts it to the parameter's)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            p = params[index]
+            for key, value in saved.items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def _validate(group: dict, where: str) -> None:
+    lr, momentum, wd, eps = group["lr"], group["momentum"], group["weight_decay"], group["eps"]
+    if not (isinstance(lr, (int, float)) and lr >= 0.0):
+        raise ValueError(f"{where}: lr must be a number >= 0, got {lr!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {momentum!r}")
+    if not wd >= 0.0:
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {wd!r}")
+    if not eps >= 0.0:
+        raise ValueError(f"{where}: eps must be >= 0, got {eps!r}")
+    betas = tuple(group["betas"])
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {group['betas']!r}")
+    steps = group["ns_steps"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"{where}: ns_steps must be a positive int, got {steps!r}")
+    try:
+        _ns_schedule(steps, group["coeffs"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: coeffs: {err}") from None
+
+
+# Module types whose parameters are embeddings or normalisation scales (AdamW, no weight decay).
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+_NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None),
+                                nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+                    if t is not None)
+HEAD_NAMES = ("lm_head", "output", "head")
+EMBEDDING_NAME_HINTS = ("embed", "wte", "wpe")
+
+
+def _looks_like_embedding(qualified_name: str) -> bool:
+    """A raw ``nn.Parameter`` table (no ``nn.Embedding`` module) recognised by its name."""
+    parts = qualified_name.lower().split(".")
+    return any(hint in part for part in parts for hint in EMBEDDING_NAME_HINTS)
+
+
+def get_muon_optimizer(model: nn.Module, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.01,
+                       adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.95)) -> Muon:
+    """One ``Muon`` with three groups: hidden matrices (Muon), the output head, and the rest (AdamW).
+
+    Routing (only parameters with ``requires_grad``):
+      - ``"muon"`` (Muon, ``weight_decay``): parameters with 2+ dims of any module that is not
+        an embedding, a head or a norm.
+      - ``"adamw_decay"`` (AdamW, ``weight_decay``): the output head's matrices: the module whose
+        own name (last dotted part) is ``lm_head``, ``output`` or ``head``.
+      - ``"adamw_no_decay"`` (AdamW, no decay): ``nn.Embedding``/``nn.EmbeddingBag`` weights and
+        parameters whose dotted name contains ``embed``, ``wte`` or ``wpe``, including a head
+        tied to them (``lm_head.weight = embed.weight``: tied tensors are found under every
+        name), norm layers' parameters (``*Norm`` modules), biases and every other parameter
+        with fewer than 2 dims.
+
+    ``adamw_lr`` defaults to ``lr``.
+
+    Example::
+
+        optimizer = get_muon_optimizer(model, lr=1e-3, momentum=0.95, weight_decay=0.01)
+        [g["name"] for g in optimizer.param_groups]   # ['muon', 'adamw_decay', 'adamw_no_decay']
+    """
+    adamw_lr = lr if adamw_lr is None else adamw_lr
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}  # every (qualified name, module) holding the tensor
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, p in module.named_parameters(prefix=module_name, recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append((param_name, module))
+    groups: dict[str, list[Tensor]] = {"muon": [], "adamw_decay": [], "adamw_no_decay": []}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        held_by = owners[id(p)]
+        module_names = [name.rsplit(".", 1)[0] if "." in name else "" for name, _ in held_by]
+        embedding = any(isinstance(m, _EMBEDDING_TYPES) for _, m in held_by) or any(
+            _looks_like_embedding(name) for name, _ in held_by)
+        head = any(mod.rsplit(".", 1)[-1] in HEAD_NAMES for mod in module_names)
+        norm = any(isinstance(m, _NORM_TYPES) for _, m in held_by)
+        if embedding or norm or p.dim() < 2:  # a head tied to an embedding is an embedding
+            groups["adamw_no_decay"].append(p)
+        elif head:
+            groups["adamw_decay"].append(p)
+        else:
+            groups["muon"].append(p)
+    param_groups = []
+    if groups["muon"]:
+        param_groups.append(dict(params=groups["muon"], name="muon", use_muon=True, lr=lr,
+                                 weight_decay=weight_decay))
+    if groups["adamw_decay"]:
+        param_groups.append(dict(params=groups["adamw_decay"], name="adamw_decay", use_muon=False, lr=adamw_lr,
+                                 betas=tuple(adamw_betas), weight_decay=weight_decay))
+    if groups["adamw_no_decay"]:
+        param_groups.append(dict(params=groups["adamw_no_decay"], name="adamw_no_decay", use_muon=False,
+                                 lr=adamw_lr, betas=tuple(adamw_betas), weight_decay=0.0))
+    if not param_groups:
+        raise ValueError("get_muon_optimizer: the model has no parameters with requires_grad=True")
+    return Muon(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, betas=adamw_betas)
