@@ -84,6 +84,8 @@ def candidates(device: torch.device) -> dict[str, Callable | str]:
     else:
         out["nexus.SOAP"] = "not importable from nexus.training.optimizers"
     out.update(_public_peers())
+    if device.type != "cuda" and not isinstance(out.get("lion-pytorch Lion(triton)"), str):
+        out["lion-pytorch Lion(triton)"] = "needs CUDA"
     return out
 
 
