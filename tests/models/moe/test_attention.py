@@ -2,7 +2,7 @@
 
 import torch
 
-from nexus.models.moe import GroupedQueryAttention, RMSNorm
+from nexus.models.moe import GroupedQueryAttention, RMSNorm, sdpa_core
 from nexus.models.moe.rotary import apply_rotary, rotary_cos_sin
 
 
@@ -70,3 +70,19 @@ def test_rmsnorm_formula():
     x = torch.tensor([[1.0, -2.0, 3.0, -4.0]])
     rms = (x.square().mean() + 1e-6).sqrt()
     torch.testing.assert_close(norm(x), x / rms * norm.weight)
+
+
+def test_attention_core_is_swappable():
+    calls = []
+
+    def recording_core(q, k, v, dropout_p):
+        calls.append((q.shape, k.shape))
+        return sdpa_core(q, k, v, dropout_p)
+
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(16, n_heads=4, n_kv_heads=2)
+    x = torch.randn(2, 5, 16)
+    expected = attn(x, torch.arange(5))
+    attn.core = recording_core
+    torch.testing.assert_close(attn(x, torch.arange(5)), expected)
+    assert calls == [((2, 4, 5, 4), (2, 2, 5, 4))]
