@@ -192,7 +192,7 @@ def test_qat_trains_close_to_float():
         if qat:
             prepare_qat(model, QATConfig())
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(150):
+        for _ in range(80):
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
             loss.backward()

@@ -1,8 +1,8 @@
 """apply_precision: which layers each precision swaps, and a toy regression trained at each precision.
 
-Convergence metric: the share of the target variance left unexplained, loss / var(y). After 100
-Adam steps fp32 leaves 2.3%; the low-precision runs must stay within a stated margin of it
-(measured: fp8 2.5%, mxfp8 2.5%, fp4 4.8%), while a model that failed to learn would leave ~100%.
+Convergence metric: the share of the target variance left unexplained, loss / var(y). After 60
+Adam steps fp32 leaves 3.7%; the low-precision runs must stay within a stated margin of it
+(measured: fp8 3.8%, mxfp8 3.8%, fp4 6.1%), while a model that failed to learn would leave ~100%.
 """
 import pytest
 import torch
@@ -51,7 +51,7 @@ def test_unknown_precision_is_a_value_error():
         apply_precision(MLP(), "int3")
 
 
-def final_loss(precision: str, steps: int = 100) -> tuple[float, float]:
+def final_loss(precision: str, steps: int = 60) -> tuple[float, float]:
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 16))
     x = torch.randn(512, 32)
@@ -81,7 +81,7 @@ def fp32_unexplained() -> float:
 @pytest.mark.parametrize("precision, margin", [("fp8", 0.005), ("mxfp8", 0.005), ("fp4", 0.04)])
 def test_toy_regression_trains_close_to_fp32(precision, margin, fp32_unexplained):
     loss, var = final_loss(precision)
-    assert fp32_unexplained < 0.05  # the task is learnable in 100 steps
+    assert fp32_unexplained < 0.05  # the task is learnable in 60 steps
     assert loss / var < fp32_unexplained + margin
 
 
