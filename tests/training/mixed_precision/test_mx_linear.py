@@ -135,6 +135,20 @@ def test_interpreted_kernel_path_matches_reference():
             y_ref = lay(x)
             y_ref.sum().backward()
         assert torch.equal(y, y_ref) and torch.equal(dx, x.grad)
+    g = torch.randn(4, 70)  # the stochastic, pre-scaled gradient cast: same seed, same bits on both paths
+    sr = mx_quantize_dequantize(g, "e2m1", 32, rounding="stochastic", seed=3)
+    with forced("reference"):
+        assert torch.equal(sr, mx_quantize_dequantize(g, "e2m1", 32, rounding="stochastic", seed=3))
+
+
+def test_bf16_activations():
+    layer, _ = pair("mxfp8-b32", 64, 32)
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    with forced("reference"):
+        y = layer(x)
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert layer.weight.grad.dtype == torch.float32
 
 
 def grad_draws(config: FP4Config, draws: int):
