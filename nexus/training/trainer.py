@@ -215,10 +215,13 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
-    def compute_loss(self, window: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Loss of one micro-batch ``window`` [B, seq_len + n_pred_tokens]; returns (loss, parts)."""
-        seq_len = self.args.seq_len
-        out = self.model(window[:, :seq_len])
+    def compute_loss(self, window: torch.Tensor, out: Any = None) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch ``window`` [B, seq_len + n_pred_tokens]; returns (loss, parts).
+
+        ``out`` is the model's output on ``window[:, :seq_len]`` when the caller already ran it.
+        """
+        if out is None:
+            out = self.model(window[:, : self.args.seq_len])
         total, lm, extra = multi_token_prediction_loss(
             out.logits, out.mtp_logits, window, mtp_weight=self.args.mtp_loss_weight
         )
@@ -235,10 +238,14 @@ class Trainer:
         accum = self.args.gradient_accumulation_steps
         sums: dict[str, float] = {}
         tokens = 0
-        for _ in range(accum):
+        for micro in range(accum):
             window = self._next_batch().to(self.device, non_blocking=True)
             with self._autocast():
-                loss, parts = self.compute_loss(window)
+                out = self.model(window[:, : self.args.seq_len])
+                if micro == 0 and getattr(self.optimizer, "hessian_due", False):
+                    # Sophia's Gauss-Newton-Bartlett estimate reuses this forward's logits
+                    self.optimizer.update_hessian(logits=out.logits)
+                loss, parts = self.compute_loss(window, out)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}")
             scaled = loss / accum

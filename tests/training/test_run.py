@@ -1,0 +1,35 @@
+"""Every optimizer type and precision of the run config trains the MoE model through the Trainer."""
+import pytest
+import torch
+
+from nexus.config import OPTIMIZER_TYPES, load_config
+from nexus.training.run import build_trainer
+from nexus_kernels import forced
+
+
+def train_briefly(path, steps=2):
+    trainer = build_trainer(load_config(path))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    result = trainer.train(max_steps=steps)
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    return trainer, result, changed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", OPTIMIZER_TYPES)
+def test_each_optimizer_type_trains(small_run, optimizer):
+    with forced("reference"):  # kernels are tested through the interpreter in tests/kernels
+        trainer, result, changed = train_briefly(small_run(f"opt_{optimizer}", optimizer=optimizer))
+    assert result.stop_reason == "max_steps"
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values() if isinstance(v, float))
+    assert changed >= len(list(trainer.model.parameters())) // 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp8", "mxfp8", "fp4"])
+def test_low_precision_runs_train(small_run, precision):
+    with forced("reference"):
+        trainer, result, changed = train_briefly(small_run(f"prec_{precision}", extra=f"precision: {precision}"))
+    swapped = [type(m).__name__ for m in trainer.model.modules() if "Linear" in type(m).__name__]
+    assert any(name != "Linear" for name in swapped), swapped
+    assert result.stop_reason == "max_steps" and changed > 0
