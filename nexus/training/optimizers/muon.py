@@ -70,8 +70,10 @@ def muon_update(grad: Tensor, momentum_buffer: Tensor, *, momentum: float = 0.95
         G, M = torch.randn(64, 128), torch.zeros(64, 128)
         O = muon_update(G, M)       # O's singular values ~ 1 (in about [0.68, 1.13])
     """
-    momentum_buffer.lerp_(grad.to(momentum_buffer.dtype), 1.0 - momentum)
-    update = grad.to(momentum_buffer.dtype).lerp_(momentum_buffer, momentum) if nesterov else momentum_buffer
+    g = grad.to(momentum_buffer.dtype)
+    momentum_buffer.lerp_(g, 1.0 - momentum)
+    # out of place: the caller's gradient is left as it was
+    update = torch.lerp(g, momentum_buffer, momentum) if nesterov else momentum_buffer
     matrices = _as_matrices(update)
     if matrices.is_cuda:  # bf16 matmuls at full tensor-core rate; NS tolerates the rounding
         matrices = matrices.bfloat16()

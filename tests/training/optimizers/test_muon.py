@@ -58,6 +58,16 @@ def test_steps_match_update_equations_float64(shape, nesterov):
             torch.testing.assert_close(W.detach(), W_ref, atol=1e-12, rtol=1e-12)
 
 
+def test_gradients_are_not_modified():
+    W = nn.Parameter(torch.randn(6, 9, generator=gen(30)))
+    b = nn.Parameter(torch.randn(9, generator=gen(31)))
+    W.grad, b.grad = torch.randn(6, 9, generator=gen(32)), torch.randn(9, generator=gen(33))
+    grads = (W.grad.clone(), b.grad.clone())
+    with forced("reference"):
+        Muon([{"params": [W]}, {"params": [b], "use_muon": False}], nesterov=True).step()
+    assert torch.equal(W.grad, grads[0]) and torch.equal(b.grad, grads[1])
+
+
 def test_interpreted_kernels_end_to_end_match_reference():
     W1 = nn.Parameter(torch.randn(20, 36, generator=gen(2)))
     W2 = nn.Parameter(W1.detach().clone())
