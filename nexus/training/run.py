@@ -44,19 +44,27 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, lr: float) -> 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, max_steps: int):
-    if args.lr_schedule == "constant":
-        return None
+    """The schedule named by ``args.lr_schedule`` over ``max_steps``, with ``args.warmup_steps`` of warmup.
+
+    Each param group peaks at its own lr (set by ``build_optimizer``) and decays to the same fraction
+    ``min_lr / max_lr`` of it, so optimizers whose groups differ (Muon's AdamW groups) keep their ratio.
+    """
     from nexus.training.schedulers import build_scheduler as build
 
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    floors = [peak * args.min_lr / args.max_lr for peak in peaks]
     if args.lr_schedule == "cosine":
         return build(optimizer, "cosine", warmup_steps=args.warmup_steps, max_steps=max_steps,
-                     max_lr=args.max_lr, min_lr=args.min_lr)
+                     max_lr=peaks, min_lr=floors)
     if args.lr_schedule == "wsd":
-        decay = max(max_steps // 5, 1)
+        decay = args.decay_steps or max(max_steps // 5, 1)
         return build(optimizer, "wsd", warmup_steps=args.warmup_steps,
                      stable_steps=max(max_steps - args.warmup_steps - decay, 0), decay_steps=decay,
-                     peak_lr=args.max_lr, min_lr=args.min_lr)
-    raise ValueError(f"training.lr_schedule must be cosine, wsd or constant, got {args.lr_schedule!r}")
+                     peak_lr=peaks, min_lr=floors, decay=args.wsd_decay)
+    if args.lr_schedule == "constant":
+        return build(optimizer, "constant", warmup_steps=args.warmup_steps)
+    return build(optimizer, "sgdr", T_0=args.restart_steps, T_mult=args.restart_mult, eta_min=min(floors),
+                 warmup_steps=args.warmup_steps)
 
 
 def build_dataloaders(cfg: RunConfig) -> tuple[DataLoader, DataLoader]:

@@ -38,7 +38,11 @@ class TrainingArguments:
     max_lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    lr_schedule: str = "cosine"
+    lr_schedule: str = "cosine"  # cosine | wsd | sgdr | constant
+    decay_steps: int | None = None  # wsd: length of the final decay (default: the last 20% of steps)
+    wsd_decay: str = "linear"  # wsd: linear | cosine | 1-sqrt
+    restart_steps: int = 1000  # sgdr: first cycle length T_0
+    restart_mult: int = 1  # sgdr: cycle length multiplier T_mult
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     mtp_loss_weight: float = 1.0
@@ -75,6 +79,14 @@ class TrainingArguments:
             raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={self.min_lr}, max_lr={self.max_lr}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive or null, got {self.max_grad_norm}")
+        if self.lr_schedule not in ("cosine", "wsd", "sgdr", "constant"):
+            raise ValueError(f"lr_schedule must be cosine, wsd, sgdr or constant, got {self.lr_schedule!r}")
+        if self.wsd_decay not in ("linear", "cosine", "1-sqrt"):
+            raise ValueError(f"wsd_decay must be linear, cosine or 1-sqrt, got {self.wsd_decay!r}")
+        for name in ("decay_steps", "restart_steps", "restart_mult"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -367,6 +379,14 @@ class Trainer:
         return 6.0 * count(active=True)
 
     def _open_loggers(self) -> None:
+        self._wandb = None
+        if self.args.use_wandb:  # first, so a missing extra fails before any file is opened
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError(
+                    "use_wandb=True needs Weights & Biases: pip install 'nexus-train[track]'"
+                ) from exc
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.output_dir / "metrics.jsonl", "a")
         self._tb = None
@@ -374,14 +394,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
-        self._wandb = None
         if self.args.use_wandb:
-            try:
-                import wandb
-            except ImportError as exc:
-                raise RuntimeError(
-                    "use_wandb=True needs Weights & Biases: pip install 'nexus-train[track]'"
-                ) from exc
             self._wandb = wandb.init(
                 project=self.args.wandb_project, mode=self.args.wandb_mode, dir=str(self.output_dir),
                 config=dataclasses.asdict(self.args), resume="allow",

@@ -33,3 +33,24 @@ def test_low_precision_runs_train(small_run, precision):
     swapped = [type(m).__name__ for m in trainer.model.modules() if "Linear" in type(m).__name__]
     assert any(name != "Linear" for name in swapped), swapped
     assert result.stop_reason == "max_steps" and changed > 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "sgdr", "constant"])
+def test_each_schedule_builds_and_steps(schedule):
+    from nexus.training.run import build_scheduler
+    from nexus.training.trainer import TrainingArguments
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.001}], lr=0.01)
+    args = TrainingArguments(lr_schedule=schedule, warmup_steps=2, max_lr=0.01, min_lr=0.001, restart_steps=4)
+    sched = build_scheduler(opt, args, max_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(0.01)
+    assert lrs[0] < 0.01 and min(lrs[2:]) >= 0.001 - 1e-12
+    assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"] / 10)  # groups keep their ratio
+    if schedule == "sgdr":
+        assert lrs[6] > lrs[5]  # a restart after the first 4-step cycle (following 2 warmup steps)

@@ -238,3 +238,12 @@ def test_fp16_scaler_skips_overflowing_steps(tmp_path):
     assert m["skipped"] == 1.0
     for a, b in zip(before, params(t.model)):
         assert torch.equal(a, b)
+
+
+def test_wandb_without_the_extra_names_it(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError, installed or not
+    t = make_trainer(tmp_path, use_wandb=True)
+    with pytest.raises(RuntimeError, match=r"nexus-train\[track\]"):
+        t.train(max_steps=1)
