@@ -6,6 +6,7 @@ A run file has up to five sections, each mapped onto one dataclass::
     data:       DataConfig
     training:   TrainingArguments    (nexus.training.trainer)
     optimizer:  OptimizerConfig
+    qat:        QATConfig            (nexus.training.qat; only when present: quantization-aware training)
 
 An unknown or misspelt key, a value of the wrong type, or an impossible value stops loading with a
 ``ConfigError`` that names the file and the key.
@@ -175,6 +176,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     training: Any = None
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    qat: Any = None  # a QATConfig when the file has a `qat:` section: quantization-aware training
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,9 +184,11 @@ class RunConfig:
 
 def _sections() -> dict[str, type]:
     from nexus.models.moe import MoEConfig
+    from nexus.training.qat import QATConfig
     from nexus.training.trainer import TrainingArguments
 
-    return {"model": MoEConfig, "data": DataConfig, "training": TrainingArguments, "optimizer": OptimizerConfig}
+    return {"model": MoEConfig, "data": DataConfig, "training": TrainingArguments, "optimizer": OptimizerConfig,
+            "qat": QATConfig}
 
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
@@ -197,8 +201,13 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
         raise ConfigError(f"{source}: unknown section {', '.join(map(repr, unknown))}; known: {', '.join(sections)}")
     if "model" not in raw:
         raise ConfigError(f"{source}: the 'model' section is missing")
-    built = {name: build_dataclass(cls, raw.get(name), f"{source}: {name}") for name, cls in sections.items()}
+    optional = {"qat"}  # present only when the file has the section
+    built = {name: build_dataclass(cls, raw.get(name), f"{source}: {name}")
+             for name, cls in sections.items() if name not in optional or raw.get(name) is not None}
     cfg = RunConfig(**built)
+    if cfg.qat is not None and cfg.training.precision in ("fp8", "mxfp8", "fp4"):
+        raise ConfigError(f"{source}: qat and training.precision={cfg.training.precision} both replace Linear layers;"
+                          " choose one")
     if cfg.data.vocab_size != cfg.model.vocab_size:
         raise ConfigError(
             f"{source}: data.vocab_size ({cfg.data.vocab_size}) differs from model.vocab_size ({cfg.model.vocab_size})"

@@ -59,6 +59,8 @@ def test_minimal_config_loads(tmp_path):
         ("optimizer: {type: adamx}", r"optimizer.*type"),
         ("optimizer: {betas: [0.9]}", r"optimizer.betas: expected 2 items"),
         ("extra: {a: 1}", r"unknown section 'extra'"),
+        ("qat: {observer: min_max}", r"qat.*'observer'"),
+        ("qat: {observer_type: median}", r"qat.*observer_type"),
     ],
 )
 def test_bad_config_names_key_and_file(tmp_path, patch, pattern):
@@ -89,3 +91,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "model: [unclosed"))
+
+
+def test_qat_section_is_optional_and_exclusive_with_fp8(tmp_path):
+    assert load_config(write(tmp_path, BASE)).qat is None
+    cfg = load_config(write(tmp_path, BASE + "qat: {weight_bits: 4}\n"))
+    assert cfg.qat.weight_bits == 4
+    text = BASE.replace("max_steps: 10", "max_steps: 10, precision: fp8") + "qat: {}\n"
+    with pytest.raises(ConfigError, match="qat"):
+        load_config(write(tmp_path, text))

@@ -103,6 +103,10 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
         from nexus.training.mixed_precision import apply_precision
 
         model = apply_precision(model, args.precision)
+    if cfg.qat is not None:
+        from nexus.training.qat import prepare_qat
+
+        model = prepare_qat(model, cfg.qat)
     steps = args.resolve_max_steps()
     if steps is None:
         raise ValueError("training.max_steps or training.total_tokens must be set")

@@ -54,3 +54,14 @@ def test_each_schedule_builds_and_steps(schedule):
     assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"] / 10)  # groups keep their ratio
     if schedule == "sgdr":
         assert lrs[6] > lrs[5]  # a restart after the first 4-step cycle (following 2 warmup steps)
+
+
+@pytest.mark.slow
+def test_qat_section_trains_with_fake_quantized_linears(small_run):
+    path = small_run("qat")
+    path.write_text(path.read_text() + "qat: {observer_type: min_max, quantization_scheme: per_channel, skip: [lm_head]}\n")
+    trainer, result, changed = train_briefly(path)
+    kinds = {type(m).__name__ for m in trainer.model.modules()}
+    assert "QATLinear" in kinds
+    assert type(trainer.model.lm_head).__name__ == "Linear"
+    assert result.stop_reason == "max_steps" and changed > 0
