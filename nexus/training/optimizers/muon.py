@@ -24,12 +24,14 @@ import math
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from nexus_kernels.newton_schulz import DEFAULT_COEFFS, orthogonalize
 from nexus_kernels.newton_schulz import _schedule as _ns_schedule
 
-__all__ = ["Muon", "adamw_update", "get_muon_optimizer", "muon_update", "update_scale"]
+__all__ = ["Muon", "adamw_update", "get_muon_optimizer", "muon_direction", "muon_momentum", "muon_update",
+           "update_scale"]
 
 
 def _as_matrices(t: Tensor) -> Tensor:
@@ -51,35 +53,56 @@ def update_scale(shape: Sequence[int]) -> float:
     return max(1.0, rows / max(cols, 1)) ** 0.5
 
 
+def muon_momentum(grad: Tensor, momentum_buffer: Tensor, *, momentum: float = 0.95,
+                  nesterov: bool = True) -> Tensor:
+    """``M <- mu M + (1 - mu) G`` in place; returns ``(1 - mu) G + mu M`` (Nesterov) or ``M``.
+
+    Example::
+
+        U = muon_momentum(G, M, momentum=0.95)   # the matrix that gets orthogonalized
+    """
+    g = grad.to(momentum_buffer.dtype)
+    momentum_buffer.lerp_(g, 1.0 - momentum)
+    # out of place: the caller's gradient is left as it was
+    return torch.lerp(g, momentum_buffer, momentum) if nesterov else momentum_buffer
+
+
+def muon_direction(update: Tensor, *, ns_steps: int = 5, coeffs=DEFAULT_COEFFS) -> Tensor:
+    """``orthogonalize(update) * max(1, rows/cols) ** 0.5``, same shape and dtype as ``update``.
+
+    On CUDA the Newton-Schulz iteration runs in bfloat16 (fp32 accumulation), elsewhere in
+    ``update``'s dtype.
+
+    Example::
+
+        O = muon_direction(torch.randn(64, 128))   # singular values ~ 1 (about [0.68, 1.13])
+    """
+    matrices = _as_matrices(update)
+    if matrices.is_cuda:  # bf16 matmuls at full tensor-core rate; NS tolerates the rounding
+        matrices = matrices.bfloat16()
+    out = orthogonalize(matrices, steps=ns_steps, coeffs=coeffs)
+    return (out.to(update.dtype) * update_scale(update.shape)).reshape(update.shape)
+
+
 def muon_update(grad: Tensor, momentum_buffer: Tensor, *, momentum: float = 0.95, nesterov: bool = True,
                 ns_steps: int = 5, coeffs=DEFAULT_COEFFS) -> Tensor:
     """Momentum, Nesterov, orthogonalize, scale: the Muon direction for one parameter.
 
     Args:
-        grad: gradient, 2D, 3D (stack) or 4D (conv) tensor.
+        grad: gradient, 2D, 3D (stack) or 4D (conv) tensor (left unmodified).
         momentum_buffer: same shape, updated in place (``M <- mu M + (1 - mu) G``).
         momentum, nesterov, ns_steps, coeffs: as in ``Muon``.
 
     Returns:
-        The update (without lr), same shape as ``grad``, in ``momentum_buffer``'s dtype. On CUDA
-        the Newton-Schulz iteration runs in bfloat16 (fp32 accumulation), elsewhere in the
-        buffer's dtype.
+        The update (without lr), same shape as ``grad``, in ``momentum_buffer``'s dtype.
 
     Example::
 
         G, M = torch.randn(64, 128), torch.zeros(64, 128)
         O = muon_update(G, M)       # O's singular values ~ 1 (in about [0.68, 1.13])
     """
-    g = grad.to(momentum_buffer.dtype)
-    momentum_buffer.lerp_(g, 1.0 - momentum)
-    # out of place: the caller's gradient is left as it was
-    update = torch.lerp(g, momentum_buffer, momentum) if nesterov else momentum_buffer
-    matrices = _as_matrices(update)
-    if matrices.is_cuda:  # bf16 matmuls at full tensor-core rate; NS tolerates the rounding
-        matrices = matrices.bfloat16()
-    out = orthogonalize(matrices, steps=ns_steps, coeffs=coeffs)
-    out = out.to(momentum_buffer.dtype) * update_scale(grad.shape)
-    return out.reshape(grad.shape)
+    update = muon_momentum(grad, momentum_buffer, momentum=momentum, nesterov=nesterov)
+    return muon_direction(update, ns_steps=ns_steps, coeffs=coeffs)
 
 
 def adamw_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *, betas=(0.9, 0.95),
@@ -117,6 +140,11 @@ class Muon(torch.optim.Optimizer):
         ns_steps: Newton-Schulz iterations (must equal ``len(coeffs)`` for a schedule).
         coeffs: one (a, b, c) triple or a per-step schedule (``polar_express_coeffs``).
         betas, eps: AdamW settings for ``use_muon=False`` groups.
+        distribute_work: with data parallelism (every rank holds the same full parameters and
+            averaged gradients), rank r orthogonalizes parameters r, r + world, ... of each Muon
+            group and broadcasts the results, so the Newton-Schulz cost is split across ranks.
+            Used only while ``torch.distributed`` is initialized; a single process ignores it.
+            Not for sharded (FSDP/DTensor) parameters.
 
     Example::
 
@@ -126,9 +154,10 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, coeffs=DEFAULT_COEFFS,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, distribute_work: bool = False):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        ns_steps=ns_steps, coeffs=coeffs, betas=tuple(betas), eps=eps, use_muon=True)
+                        ns_steps=ns_steps, coeffs=coeffs, betas=tuple(betas), eps=eps, use_muon=True,
+                        distribute_work=distribute_work)
         _validate(defaults, where="Muon")
         super().__init__(params, defaults)
 
@@ -153,31 +182,54 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("Muon does not support sparse gradients (use dense gradients, "
                                        "e.g. nn.Embedding(sparse=False))")
-                state = self.state[p]
-                if group["use_muon"]:
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p))
-                    update = muon_update(p.grad, state["momentum_buffer"], momentum=group["momentum"],
-                                         nesterov=group["nesterov"], ns_steps=group["ns_steps"],
-                                         coeffs=group["coeffs"])
-                else:
-                    if "step" not in state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
-                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
-                    state["step"] += 1
-                    update = adamw_update(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                          betas=group["betas"], eps=group["eps"])
+            updates = self._muon_updates(params, group) if group["use_muon"] else self._adamw_updates(params, group)
+            for p, update in zip(params, updates):
                 if group["weight_decay"] != 0.0:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss
+
+    def _muon_updates(self, params: list[Tensor], group: dict) -> list[Tensor]:
+        world, rank = 1, 0
+        if group["distribute_work"] and dist.is_available() and dist.is_initialized():
+            world, rank = dist.get_world_size(), dist.get_rank()
+        updates, pending = [], []
+        for i, p in enumerate(params):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p))
+            # momentum on every rank (cheap, keeps every rank's state whole); NS on the owner only
+            U = muon_momentum(p.grad, state["momentum_buffer"], momentum=group["momentum"],
+                              nesterov=group["nesterov"])
+            owner = i % world
+            if owner == rank:
+                update = muon_direction(U, ns_steps=group["ns_steps"], coeffs=group["coeffs"])
+            else:
+                update = torch.empty_like(U)
+            if world > 1:
+                pending.append(dist.broadcast(update, src=owner, async_op=True))
+            updates.append(update)
+        for work in pending:
+            work.wait()
+        return updates
+
+    def _adamw_updates(self, params: list[Tensor], group: dict) -> list[Tensor]:
+        updates = []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
+            state["step"] += 1
+            updates.append(adamw_update(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                        betas=group["betas"], eps=group["eps"]))
+        return updates
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but state keeps its saved dtype (torch casts it to the parameter's)."""
@@ -203,6 +255,8 @@ def _validate(group: dict, where: str) -> None:
     betas = tuple(group["betas"])
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {group['betas']!r}")
+    if not isinstance(group["distribute_work"], bool):
+        raise ValueError(f"{where}: distribute_work must be a bool, got {group['distribute_work']!r}")
     steps = group["ns_steps"]
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"{where}: ns_steps must be a positive int, got {steps!r}")
@@ -228,7 +282,8 @@ def _looks_like_embedding(qualified_name: str) -> bool:
 
 
 def get_muon_optimizer(model: nn.Module, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.01,
-                       adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.95)) -> Muon:
+                       adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.95),
+                       distribute_work: bool = False) -> Muon:
     """One ``Muon`` with three groups: hidden matrices (Muon), the output head, and the rest (AdamW).
 
     Routing (only parameters with ``requires_grad``):
@@ -242,7 +297,7 @@ def get_muon_optimizer(model: nn.Module, lr: float = 1e-3, momentum: float = 0.9
         name), norm layers' parameters (``*Norm`` modules), biases and every other parameter
         with fewer than 2 dims.
 
-    ``adamw_lr`` defaults to ``lr``.
+    ``adamw_lr`` defaults to ``lr``; ``distribute_work`` as in ``Muon``.
 
     Example::
 
@@ -284,4 +339,5 @@ def get_muon_optimizer(model: nn.Module, lr: float = 1e-3, momentum: float = 0.9
                                  lr=adamw_lr, betas=tuple(adamw_betas), weight_decay=0.0))
     if not param_groups:
         raise ValueError("get_muon_optimizer: the model has no parameters with requires_grad=True")
-    return Muon(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, betas=adamw_betas)
+    return Muon(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, betas=adamw_betas,
+                distribute_work=distribute_work)

@@ -1,8 +1,12 @@
 """Muon and get_muon_optimizer: update equations in float64, orthogonality, routing, state, errors."""
 import io
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from nexus_kernels import forced, polar_express_coeffs
@@ -308,3 +312,57 @@ def test_muon_beats_tuned_adamw_on_ill_conditioned_problem():
                     for lr in (0.1, 0.3, 1.0, 3.0))  # its best on this problem is ~1.0
         muon = ill_conditioned_regression(100, lambda p: Muon(p, lr=1.0, momentum=0.9))
     assert muon < adamw / 10, (muon, adamw)
+
+
+DIST_SHAPES = [(6, 10), (12, 5), (3, 4, 6), (4, 2, 3, 3), (8, 8)]
+
+
+def distributed_run(distribute_work: bool) -> list[torch.Tensor]:
+    params = [nn.Parameter(torch.randn(*s, dtype=torch.float64, generator=gen(40 + i)))
+              for i, s in enumerate(DIST_SHAPES)]
+    bias = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = Muon([{"params": params}, {"params": [bias], "use_muon": False}], lr=0.05, weight_decay=0.1,
+               distribute_work=distribute_work)
+    with forced("reference"):
+        for t in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, dtype=torch.float64, generator=gen(100 * t + i))
+            bias.grad = torch.randn(5, dtype=torch.float64, generator=gen(999 + t))
+            opt.step()
+    return [p.detach() for p in params] + [bias.detach()]
+
+
+def _distributed_worker(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # every rank sees the same parameters and gradients, as after a data-parallel all-reduce
+        queue.put((rank, [p.tolist() for p in distributed_run(distribute_work=True)]))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_distribute_work_without_process_group_is_single_process():
+    assert not dist.is_initialized()
+    for a, b in zip(distributed_run(True), distributed_run(False)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_distribute_work_over_two_gloo_ranks_matches_single_process():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_distributed_worker, args=(2, _free_port(), queue), nprocs=2, join=True,
+                       start_method="spawn")
+    results = dict(queue.get(timeout=60) for _ in range(2))
+    expected = distributed_run(distribute_work=False)
+    for rank in (0, 1):
+        for got, want in zip(results[rank], expected):
+            assert torch.equal(torch.tensor(got, dtype=torch.float64), want), rank
