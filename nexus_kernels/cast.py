@@ -134,6 +134,13 @@ def random_bits_reference(key: int, index: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Reference: plain torch, float64 arithmetic on exact values
 # ----------------------------------------------------------------------------------------------
+def floor_log2(y: torch.Tensor) -> torch.Tensor:
+    """floor(log2(y)) of float64 ``y`` >= 0 as float64 (-inf for 0), exact even where log2 is not."""
+    e = torch.floor(torch.log2(y))
+    e = torch.where(torch.isfinite(e) & (torch.exp2(e) > y), e - 1, e)
+    return torch.where(torch.isfinite(e) & (torch.exp2(e + 1) <= y), e + 1, e)
+
+
 def round_to_codes_reference(
     x: torch.Tensor,
     fmt: FloatFormat,
@@ -152,11 +159,10 @@ def round_to_codes_reference(
     y = x64.abs() * torch.pow(2.0, -torch.as_tensor(scale_exp, dtype=torch.float64))
     is_nan = torch.isnan(y)
     finite = torch.isfinite(y)
+    y = torch.where(finite, y, torch.zeros_like(y))
     # Exponent of the quantum: floor(log2|y|) for normals, emin in the subnormal range and for 0.
-    _, exp = torch.frexp(torch.where(finite, y, torch.zeros_like(y)))
-    e = torch.where(y > 0, exp.long() - 1, torch.full_like(exp, fmt.emin, dtype=torch.long))
-    e = torch.clamp(e, min=fmt.emin)
-    units = torch.where(finite, y, torch.zeros_like(y)) * torch.pow(2.0, (fmt.man_bits - e).double())
+    e = floor_log2(y).clamp(min=fmt.emin)
+    units = y * torch.exp2(fmt.man_bits - e)
     if rounding == "nearest":
         q = torch.round(units)  # torch.round is round-half-to-even
         overflow = ~finite
@@ -166,7 +172,7 @@ def round_to_codes_reference(
         q = torch.floor(units + rand.double() / 2.0**32)
         overflow = ~finite | (y > fmt.max_normal)
     # Mantissa carries into the exponent field naturally: q == 2**(man+1) is the next binade.
-    code = ((e - fmt.emin) << fmt.man_bits) + q.long()
+    code = ((e - fmt.emin) * 2**fmt.man_bits + q).long()
     overflow = overflow | (code > fmt.max_code)
     overflow_code = fmt.max_code if saturate else (fmt.inf_code if fmt.has_inf else fmt.nan_code)
     code = torch.where(overflow, torch.full_like(code, overflow_code), code)

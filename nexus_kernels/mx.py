@@ -37,6 +37,7 @@ from nexus_kernels.cast import (
     _store_float_tl,
     decode_constexprs,
     decode_fp_bits_reference,
+    floor_log2,
     random_bits_reference,
     round_constexprs,
     round_to_codes_reference,
@@ -91,9 +92,8 @@ def to_mx_reference(x: torch.Tensor, elem: str | FloatFormat = "e4m3", block_siz
     blocks = padded.reshape(*x.shape[:-1], nb, block_size).double()
     amax = blocks.abs().amax(dim=-1) if blocks.numel() else blocks.new_zeros(blocks.shape[:-1])
     finite = torch.isfinite(amax)
-    _, exp = torch.frexp(torch.where(finite & (amax > 0), amax, torch.ones_like(amax)))
-    floor_log2 = torch.where(finite & (amax > 0), exp.long() - 1, torch.full_like(exp, -127, dtype=torch.long))
-    scale_exp = torch.clamp(floor_log2 - fmt.emax, -127, 127)
+    # floor(log2(0)) = -inf clamps to the smallest scale; non-finite blocks are marked below.
+    scale_exp = torch.clamp(floor_log2(torch.where(finite, amax, torch.zeros_like(amax))) - fmt.emax, -127, 127)
     scale_exp = torch.where(finite, scale_exp, torch.full_like(scale_exp, 128 - fmt.emax))
     scales = torch.where(finite, scale_exp + 127, torch.full_like(scale_exp, E8M0.nan_code)).to(torch.uint8)
     rand = None
