@@ -17,7 +17,7 @@ from torch import nn
 
 import nexus_kernels
 from nexus_kernels.formats import get_format
-from nexus.training.mixed_precision.fp8 import DEFAULT_SKIP, replace_linears
+from nexus.training.mixed_precision.fp8 import DEFAULT_SKIP, _adopt_parameters, replace_linears
 
 __all__ = [
     "MXFP8Config",
@@ -90,6 +90,15 @@ class MXSpec:
     block_size: int | None
     gradient_rounding: str = "nearest"
     quantize_gradients: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("forward_elem", "backward_elem"):
+            if getattr(self, name) not in ("e4m3", "e5m2", "e2m1"):
+                raise ValueError(f"{name} must be one of e4m3, e5m2, e2m1, got {getattr(self, name)!r}")
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES} or None, got {self.block_size!r}")
+        if self.gradient_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"gradient_rounding must be nearest or stochastic, got {self.gradient_rounding!r}")
 
 
 class _MXLinearFunction(torch.autograd.Function):
@@ -290,14 +299,8 @@ class MXFP8Linear(MXLinearBase):
 
 
 def _convert(model, make_layer, skip, filter_fn):
-    def make(lin: nn.Linear) -> nn.Module:
-        new = make_layer(lin)
-        new.weight = lin.weight
-        new.bias = lin.bias
-        new.train(lin.training)
-        return new
-
-    return replace_linears(model, make, skip=skip, filter_fn=filter_fn)
+    """replace_linears with layers built on meta by ``make_layer`` that adopt the old Parameters."""
+    return replace_linears(model, lambda lin: _adopt_parameters(make_layer(lin), lin), skip=skip, filter_fn=filter_fn)
 
 
 def convert_to_mxfp8(

@@ -19,6 +19,7 @@ from nexus.training.mixed_precision import (
     FP4Linear,
     MXFP8Config,
     MXFP8Linear,
+    MXSpec,
     apply_precision,
     mx_quantize_dequantize,
 )
@@ -286,6 +287,14 @@ def test_config_validation(cls, kwargs, field):
         cls(**kwargs)
     with pytest.raises(ValueError, match="config"):
         MXFP8Linear(8, 8, config=FP4Config())
+
+
+@pytest.mark.parametrize("kwargs, field", [({"forward_elem": "int8"}, "forward_elem"), ({"block_size": 16}, "block_size"),
+                                           ({"gradient_rounding": "up"}, "gradient_rounding")])
+def test_spec_validation(kwargs, field):
+    args = {"forward_elem": "e4m3", "backward_elem": "e5m2", "block_size": 32, **kwargs}
+    with pytest.raises(ValueError, match=field):
+        MXSpec(**args)
 
 
 def test_convert_keeps_head_and_parameters():
