@@ -273,15 +273,17 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
         if not math.isfinite(grad_norm) and self.scaler is None:
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}")
+        skipped = False
         if self.scaler:
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            sums["skipped"] = float(self.scaler.get_scale() < scale_before)
+            skipped = self.scaler.get_scale() < scale_before  # the scaler skips steps whose grads overflowed
+            sums["skipped"] = float(skipped)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.lr_scheduler is not None:
+        if self.lr_scheduler is not None and not skipped:
             self.lr_scheduler.step()
         self.step += 1
         self.tokens_seen += tokens

@@ -232,10 +232,11 @@ def test_fp16_scaler_skips_overflowing_steps(tmp_path):
     t = make_trainer(tmp_path, precision="fp16")
     assert t.scaler is not None
     before = params(t.model)
-    t.scaler._init_scale = 2.0**100  # guaranteed overflow on the first step
-    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # guaranteed overflow on the first step
+    lr_before = t.optimizer.param_groups[0]["lr"]
     m = t._train_step()
     assert m["skipped"] == 1.0
+    assert t.optimizer.param_groups[0]["lr"] == lr_before  # a skipped step does not advance the schedule
     for a, b in zip(before, params(t.model)):
         assert torch.equal(a, b)
 
