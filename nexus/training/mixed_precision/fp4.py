@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from nexus.training.mixed_precision.fp8 import DEFAULT_SKIP
-from nexus.training.mixed_precision.mxfp8 import BLOCK_SIZES, MXLinearBase, MXSpec, _convert
+from nexus.training.mixed_precision.mxfp8 import MXLinearBase, MXSpec, _check_config, _convert
 
 __all__ = ["FP4Config", "FP4Linear", "convert_to_fp4"]
 
@@ -36,11 +36,7 @@ class FP4Config:
     quantize_gradients: bool = True
 
     def __post_init__(self) -> None:
-        if self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
-        for name in ("use_microscaling", "stochastic_rounding", "quantize_gradients"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_config(self, ("use_microscaling", "stochastic_rounding", "quantize_gradients"))
 
     @property
     def spec(self) -> MXSpec:
@@ -62,22 +58,7 @@ class FP4Linear(MXLinearBase):
              ``y = layer(torch.randn(4, 768))``
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        config: FP4Config | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        config = config if config is not None else FP4Config()
-        if not isinstance(config, FP4Config):
-            raise ValueError(f"config must be an FP4Config, got {type(config).__name__}")
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.config = config
-        self.spec = config.spec
+    config_class = FP4Config
 
 
 def convert_to_fp4(
@@ -93,9 +74,4 @@ def convert_to_fp4(
     Example: ``model = convert_to_fp4(model, FP4Config())``
              ``isinstance(model.fc1, FP4Linear)``
     """
-    config = config if config is not None else FP4Config()
-
-    def make_layer(lin: nn.Linear) -> FP4Linear:
-        return FP4Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, config=config, device="meta")
-
-    return _convert(model, make_layer, skip, filter_fn)
+    return _convert(model, FP4Linear, config, skip, filter_fn)

@@ -32,6 +32,15 @@ __all__ = [
 BLOCK_SIZES = (32, 64)
 
 
+def _check_config(config, flags: tuple[str, ...]) -> None:
+    """Validate an MX layer config: ``block_size`` in BLOCK_SIZES and each field in ``flags`` a bool."""
+    if config.block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {config.block_size!r}")
+    for name in flags:
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} must be a bool, got {getattr(config, name)!r}")
+
+
 def _fresh_seed() -> int:
     """A seed drawn from torch's default generator, so ``torch.manual_seed`` makes runs repeatable."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -165,7 +174,7 @@ def mx_linear(
 
 
 class MXLinearBase(nn.Linear):
-    """Shared machinery of MXFP8Linear and FP4Linear: the forward call and packed weight storage.
+    """Shared machinery of MXFP8Linear and FP4Linear: config checking, the forward call, packed weights.
 
     ``pack_weights()`` replaces the float weight by buffers ``weight_elements`` (uint8 codes, FP4
     two per byte) and ``weight_scales`` (uint8 E8M0, or one float32 scale without microscaling):
@@ -174,6 +183,25 @@ class MXLinearBase(nn.Linear):
     """
 
     spec: MXSpec
+    config_class: type  # each subclass names its config dataclass (it must have a ``spec`` property)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        config=None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        config_class = type(self).config_class
+        config = config if config is not None else config_class()
+        if not isinstance(config, config_class):
+            raise ValueError(f"config must be an {config_class.__name__}, got {type(config).__name__}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.config = config
+        self.spec = config.spec
 
     @property
     def packed(self) -> bool:
@@ -255,11 +283,7 @@ class MXFP8Config:
     stochastic_rounding: bool = False
 
     def __post_init__(self) -> None:
-        if self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
-        for name in ("e4m3_forward", "quantize_gradients", "stochastic_rounding"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_config(self, ("e4m3_forward", "quantize_gradients", "stochastic_rounding"))
 
     @property
     def spec(self) -> MXSpec:
@@ -280,27 +304,19 @@ class MXFP8Linear(MXLinearBase):
              ``y = layer(torch.randn(4, 768))``
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        config: MXFP8Config | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        config = config if config is not None else MXFP8Config()
-        if not isinstance(config, MXFP8Config):
-            raise ValueError(f"config must be an MXFP8Config, got {type(config).__name__}")
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.config = config
-        self.spec = config.spec
+    config_class = MXFP8Config
 
 
-def _convert(model, make_layer, skip, filter_fn):
-    """replace_linears with layers built on meta by ``make_layer`` that adopt the old Parameters."""
-    return replace_linears(model, lambda lin: _adopt_parameters(make_layer(lin), lin), skip=skip, filter_fn=filter_fn)
+def _convert(model, layer_class, config, skip, filter_fn):
+    """replace_linears with ``layer_class`` layers (one shared ``config``, default if None) built on
+    meta that adopt the old Parameters."""
+    config = config if config is not None else layer_class.config_class()
+
+    def make_layer(lin: nn.Linear) -> MXLinearBase:
+        new = layer_class(lin.in_features, lin.out_features, bias=lin.bias is not None, config=config, device="meta")
+        return _adopt_parameters(new, lin)
+
+    return replace_linears(model, make_layer, skip=skip, filter_fn=filter_fn)
 
 
 def convert_to_mxfp8(
@@ -316,9 +332,4 @@ def convert_to_mxfp8(
     Example: ``model = convert_to_mxfp8(model, MXFP8Config(block_size=32))``
              ``isinstance(model.fc1, MXFP8Linear)``
     """
-    config = config if config is not None else MXFP8Config()
-
-    def make_layer(lin: nn.Linear) -> MXFP8Linear:
-        return MXFP8Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, config=config, device="meta")
-
-    return _convert(model, make_layer, skip, filter_fn)
+    return _convert(model, MXFP8Linear, config, skip, filter_fn)
