@@ -16,6 +16,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
+from nexus.training.optimizers._checks import check_betas, check_lr, check_non_negative, closure_loss, reject_sparse
+
 __all__ = ["Lion", "lion_update", "lion_update_foreach"]
 
 
@@ -78,32 +80,22 @@ class Lion(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, foreach: bool | None = None) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"Lion: invalid lr={lr!r}, expected lr >= 0")
-        if len(betas) != 2:
-            raise ValueError(f"Lion: invalid betas={betas!r}, expected two values")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Lion: invalid betas[{i}]={beta!r}, expected 0 <= beta < 1")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Lion: invalid weight_decay={weight_decay!r}, expected >= 0")
+        check_lr("Lion", lr)
+        check_betas("Lion", betas)
+        check_non_negative("Lion", "weight_decay", weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Apply one update to every parameter that has a gradient; returns ``closure()``'s loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params, grads, exp_avgs = [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lion does not support sparse gradients")
+                reject_sparse("Lion", p.grad)
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -29,6 +29,9 @@ from torch import Tensor, nn
 
 from nexus_kernels.newton_schulz import DEFAULT_COEFFS, orthogonalize
 from nexus_kernels.newton_schulz import _schedule as _ns_schedule
+from nexus.training.optimizers._checks import (
+    check_group_betas, check_group_int, check_group_lr, check_group_non_negative, closure_loss, reject_sparse,
+)
 
 __all__ = ["Muon", "adamw_update", "get_muon_optimizer", "muon_direction", "muon_momentum", "muon_update",
            "update_scale"]
@@ -177,16 +180,11 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One step for every parameter with a gradient; returns ``closure()``'s loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("Muon does not support sparse gradients (use dense gradients, "
-                                       "e.g. nn.Embedding(sparse=False))")
+                reject_sparse("Muon", p.grad, hint="use dense gradients, e.g. nn.Embedding(sparse=False)")
             updates = self._muon_updates(params, group) if group["use_muon"] else self._adamw_updates(params, group)
             for p, update in zip(params, updates):
                 if group["weight_decay"] != 0.0:
@@ -243,23 +241,17 @@ class Muon(torch.optim.Optimizer):
 
 
 def _validate(group: dict, where: str) -> None:
-    lr, momentum, wd, eps = group["lr"], group["momentum"], group["weight_decay"], group["eps"]
-    if not (isinstance(lr, (int, float)) and lr >= 0.0):
-        raise ValueError(f"{where}: lr must be a number >= 0, got {lr!r}")
+    check_group_lr(where, group["lr"])
+    momentum = group["momentum"]
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"{where}: momentum must be in [0, 1), got {momentum!r}")
-    if not wd >= 0.0:
-        raise ValueError(f"{where}: weight_decay must be >= 0, got {wd!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"{where}: eps must be >= 0, got {eps!r}")
-    betas = tuple(group["betas"])
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {group['betas']!r}")
+    check_group_non_negative(where, "weight_decay", group["weight_decay"])
+    check_group_non_negative(where, "eps", group["eps"])
+    check_group_betas(where, group["betas"])
     if not isinstance(group["distribute_work"], bool):
         raise ValueError(f"{where}: distribute_work must be a bool, got {group['distribute_work']!r}")
     steps = group["ns_steps"]
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"{where}: ns_steps must be a positive int, got {steps!r}")
+    check_group_int(where, "ns_steps", steps, 1)
     try:
         _ns_schedule(steps, group["coeffs"])
     except (TypeError, ValueError) as err:

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nexus.training.optimizers._checks import check_betas, check_lr, check_non_negative, closure_loss, reject_sparse
+
 __all__ = ["Prodigy", "prodigy_accumulate", "prodigy_accumulate_foreach", "prodigy_update",
            "prodigy_update_foreach", "prodigy_next_d"]
 
@@ -175,21 +177,15 @@ class Prodigy(torch.optim.Optimizer):
                  decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, sharded_params: bool = False,
                  foreach: bool | None = None) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"Prodigy: invalid lr={lr!r}, expected lr >= 0")
-        if len(betas) != 2:
-            raise ValueError(f"Prodigy: invalid betas={betas!r}, expected two values")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Prodigy: invalid betas[{i}]={beta!r}, expected 0 <= beta < 1")
+        check_lr("Prodigy", lr)
+        check_betas("Prodigy", betas)
         if beta3 is not None and not 0.0 <= beta3 < 1.0:
             raise ValueError(f"Prodigy: invalid beta3={beta3!r}, expected None or 0 <= beta3 < 1")
         if not d0 > 0.0:
             raise ValueError(f"Prodigy: invalid d0={d0!r}, expected d0 > 0")
         if not d_coef > 0.0:
             raise ValueError(f"Prodigy: invalid d_coef={d_coef!r}, expected d_coef > 0")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Prodigy: invalid weight_decay={weight_decay!r}, expected >= 0")
+        check_non_negative("Prodigy", "weight_decay", weight_decay)
         if not growth_rate >= 1.0:
             raise ValueError(f"Prodigy: invalid growth_rate={growth_rate!r}, expected >= 1")
         if not eps >= 0.0:
@@ -212,10 +208,7 @@ class Prodigy(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One Prodigy step: accumulate the D-estimate, move every parameter, then grow ``d``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         # d, d_max and r are global: every group holds the same copy (the first one is read).
         first = self.param_groups[0]
         d, d_max = first["d"], first["d_max"]
@@ -230,8 +223,7 @@ class Prodigy(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Prodigy does not support sparse gradients")
+                reject_sparse("Prodigy", p.grad)
                 state = self.state[p]
                 if not state:
                     state["p0"] = p.detach().clone(memory_format=torch.preserve_format)

@@ -22,6 +22,10 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
+from nexus.training.optimizers._checks import (
+    check_beta_count, check_int, check_lr, check_non_negative, closure_loss, reject_sparse,
+)
+
 __all__ = ["ScheduleFreeAdamW", "schedule_free_adamw_update", "schedule_free_adamw_update_foreach"]
 
 
@@ -104,25 +108,20 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 0, weight_decay: float = 0.0, *, eps: float = 1e-8, r: float = 0.0,
                  weight_lr_power: float = 2.0, foreach: bool | None = None) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"ScheduleFreeAdamW: invalid lr={lr!r}, expected lr >= 0")
-        if len(betas) != 2:
-            raise ValueError(f"ScheduleFreeAdamW: invalid betas={betas!r}, expected two values")
+        check_lr("ScheduleFreeAdamW", lr)
+        check_beta_count("ScheduleFreeAdamW", betas)
         if not 0.0 < betas[0] < 1.0:
             # beta1 = 0 would make x unrecoverable from y and z (x = (y - (1-b1) z) / b1).
             raise ValueError(f"ScheduleFreeAdamW: invalid betas[0]={betas[0]!r}, expected 0 < beta1 < 1")
         if not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"ScheduleFreeAdamW: invalid betas[1]={betas[1]!r}, expected 0 <= beta2 < 1")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"ScheduleFreeAdamW: invalid warmup_steps={warmup_steps!r}, expected an int >= 0")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"ScheduleFreeAdamW: invalid weight_decay={weight_decay!r}, expected >= 0")
+        check_int("ScheduleFreeAdamW", "warmup_steps", warmup_steps, 0)
+        check_non_negative("ScheduleFreeAdamW", "weight_decay", weight_decay)
         if not eps >= 0.0:
             raise ValueError(f"ScheduleFreeAdamW: invalid eps={eps!r}, expected eps >= 0")
         if not r >= 0.0:
             raise ValueError(f"ScheduleFreeAdamW: invalid r={r!r}, expected r >= 0")
-        if not weight_lr_power >= 0.0:
-            raise ValueError(f"ScheduleFreeAdamW: invalid weight_lr_power={weight_lr_power!r}, expected >= 0")
+        check_non_negative("ScheduleFreeAdamW", "weight_lr_power", weight_lr_power)
         defaults = dict(lr=lr, betas=tuple(betas), warmup_steps=warmup_steps, weight_decay=weight_decay,
                         eps=eps, r=r, weight_lr_power=weight_lr_power, foreach=foreach, k=0,
                         train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
@@ -160,17 +159,13 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
         if not all(group["train_mode"] for group in self.param_groups):
             raise RuntimeError("ScheduleFreeAdamW.step() called in eval mode: the parameters hold "
                                "x, not y; call optimizer.train() before training steps")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             ys, grads, zs, exp_avg_sqs = [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ScheduleFreeAdamW does not support sparse gradients")
+                reject_sparse("ScheduleFreeAdamW", p.grad)
                 state = self.state[p]
                 if not state:
                     state["z"] = p.detach().clone(memory_format=torch.preserve_format)

@@ -31,6 +31,9 @@ import torch
 from torch import Tensor
 
 from nexus_kernels.soap import project, project_back, update_preconditioners
+from nexus.training.optimizers._checks import (
+    check_group_betas, check_group_int, check_group_lr, check_group_non_negative, closure_loss, reject_sparse,
+)
 
 __all__ = ["SOAP", "initial_basis", "refresh_basis", "soap_direction"]
 
@@ -138,16 +141,12 @@ class SOAP(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One step for every parameter with a gradient; returns ``closure()``'s loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SOAP does not support sparse gradients")
+                reject_sparse("SOAP", p.grad)
                 self._step_param(p, group)
         return loss
 
@@ -215,22 +214,12 @@ class SOAP(torch.optim.Optimizer):
 
 
 def _validate(group: dict, where: str) -> None:
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    if not (isinstance(lr, (int, float)) and lr >= 0.0):
-        raise ValueError(f"{where}: lr must be a number >= 0, got {lr!r}")
-    betas = tuple(group["betas"])
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {group['betas']!r}")
+    check_group_lr(where, group["lr"])
+    check_group_betas(where, group["betas"])
     shampoo_beta = group["shampoo_beta"]
     if shampoo_beta is not None and not 0.0 <= shampoo_beta < 1.0:
         raise ValueError(f"{where}: shampoo_beta must be None or in [0, 1), got {shampoo_beta!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"{where}: eps must be >= 0, got {eps!r}")
-    if not wd >= 0.0:
-        raise ValueError(f"{where}: weight_decay must be >= 0, got {wd!r}")
-    freq = group["precondition_frequency"]
-    if not isinstance(freq, int) or isinstance(freq, bool) or freq < 1:
-        raise ValueError(f"{where}: precondition_frequency must be a positive int, got {freq!r}")
-    max_dim = group["max_precond_dim"]
-    if not isinstance(max_dim, int) or isinstance(max_dim, bool) or max_dim < 0:
-        raise ValueError(f"{where}: max_precond_dim must be an int >= 0, got {max_dim!r}")
+    check_group_non_negative(where, "eps", group["eps"])
+    check_group_non_negative(where, "weight_decay", group["weight_decay"])
+    check_group_int(where, "precondition_frequency", group["precondition_frequency"], 1)
+    check_group_int(where, "max_precond_dim", group["max_precond_dim"], 0)

@@ -25,6 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nexus.training.optimizers._checks import (
+    check_betas, check_int, check_lr, check_non_negative, closure_loss, reject_sparse,
+)
+
 __all__ = ["Sophia", "sophia_update", "sophia_update_foreach", "gnb_hessian_estimate",
            "hutchinson_hessian_estimate"]
 
@@ -161,19 +165,12 @@ class Sophia(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, update_period: int = 10,
                  estimator: str = "gnb", *, eps: float = 1e-12, foreach: bool | None = None) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"Sophia: invalid lr={lr!r}, expected lr >= 0")
-        if len(betas) != 2:
-            raise ValueError(f"Sophia: invalid betas={betas!r}, expected two values")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Sophia: invalid betas[{i}]={beta!r}, expected 0 <= beta < 1")
+        check_lr("Sophia", lr)
+        check_betas("Sophia", betas)
         if not rho > 0.0:
             raise ValueError(f"Sophia: invalid rho={rho!r}, expected rho > 0")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Sophia: invalid weight_decay={weight_decay!r}, expected >= 0")
-        if isinstance(update_period, bool) or not isinstance(update_period, int) or update_period < 1:
-            raise ValueError(f"Sophia: invalid update_period={update_period!r}, expected an int >= 1")
+        check_non_negative("Sophia", "weight_decay", weight_decay)
+        check_int("Sophia", "update_period", update_period, 1)
         if estimator not in ("gnb", "hutchinson"):
             raise ValueError(f"Sophia: invalid estimator={estimator!r}, expected 'gnb' or 'hutchinson'")
         if not eps > 0.0:
@@ -251,17 +248,13 @@ class Sophia(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Apply one clipped update to every parameter that has a gradient; returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params, grads, exp_avgs, hessians = [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Sophia does not support sparse gradients")
+                reject_sparse("Sophia", p.grad)
                 state = self._state(p)
                 if state["hessian_step"] is None:
                     raise RuntimeError(
