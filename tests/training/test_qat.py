@@ -129,15 +129,6 @@ class Net(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny-tensor training loops run fastest on one intra-op thread (no contention on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 CONFIGS = {
     "minmax-channel": QATConfig(observer_type=ObserverType.MIN_MAX, quantization_scheme=QuantizationScheme.PER_CHANNEL,
                                 fake_quantize=True),

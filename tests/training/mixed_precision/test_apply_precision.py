@@ -14,15 +14,6 @@ from nexus.training.mixed_precision import FP4Linear, FP8Linear, MXFP8Linear, PR
 SWAPPED = {"fp8": FP8Linear, "mxfp8": MXFP8Linear, "fp4": FP4Linear}
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny-tensor training loops run fastest on one intra-op thread (no contention on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()

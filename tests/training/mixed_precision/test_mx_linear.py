@@ -63,15 +63,6 @@ def rel_rms(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny-tensor training loops run fastest on one intra-op thread (no contention on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 LAYERS = {
     "mxfp8-b32": (lambda i, o: MXFP8Linear(i, o, config=MXFP8Config(block_size=32, e4m3_forward=True)),
                   "e4m3", "e5m2", 32),

@@ -7,6 +7,8 @@ import torch
 from nexus.training.optimizers import Lion
 from nexus.training.optimizers.lion import lion_update
 
+from ._helpers import sparse_grad_embedding, sum_of_squares_closure
+
 SHAPES = [(), (7,), (4, 5), (3, 2, 5)]
 
 
@@ -67,13 +69,7 @@ def test_closure_is_called_and_its_loss_returned():
     w = torch.nn.Parameter(torch.tensor([2.0, -3.0]))
     opt = Lion([w], lr=0.5)
 
-    def closure():
-        opt.zero_grad()
-        loss = (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    loss = opt.step(closure)
+    loss = opt.step(sum_of_squares_closure(opt, w))
     assert loss.item() == pytest.approx(13.0)
     torch.testing.assert_close(w.detach(), torch.tensor([1.5, -2.5]))
 
@@ -120,8 +116,7 @@ def test_invalid_hyperparameters_name_the_culprit(kwargs, name):
 
 
 def test_sparse_gradients_rejected():
-    emb = torch.nn.Embedding(10, 3, sparse=True)
-    emb(torch.tensor([1, 2])).sum().backward()
+    emb = sparse_grad_embedding(3)
     opt = Lion(emb.parameters())
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()

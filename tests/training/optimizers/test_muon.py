@@ -1,7 +1,6 @@
 """Muon and get_muon_optimizer: update equations in float64, orthogonality, routing, state, errors."""
 import io
 import os
-import socket
 
 import pytest
 import torch
@@ -13,9 +12,7 @@ from nexus_kernels import forced, polar_express_coeffs
 from nexus.training.optimizers import Muon, get_muon_optimizer
 from nexus.training.optimizers.muon import update_scale
 
-
-def gen(seed: int):
-    return torch.Generator().manual_seed(seed)
+from ._helpers import free_port, gen, ill_conditioned_regression, sparse_grad_embedding, sum_of_squares_closure
 
 
 def newton_schulz_oracle(M: torch.Tensor, steps: int, abc=(3.4445, -4.7750, 2.0315)) -> torch.Tensor:
@@ -148,8 +145,7 @@ def test_adamw_groups_match_torch_adamw():
 
 
 def test_sparse_gradients_are_rejected():
-    emb = nn.Embedding(10, 4, sparse=True)
-    emb(torch.tensor([1, 2])).sum().backward()
+    emb = sparse_grad_embedding(4)
     opt = Muon([{"params": emb.parameters(), "use_muon": False}])
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
@@ -158,16 +154,9 @@ def test_sparse_gradients_are_rejected():
 def test_closure_loss_is_returned_and_grads_enabled():
     W = nn.Parameter(torch.randn(4, 6, generator=gen(6)))
     opt = Muon([W], lr=0.1)
-
-    def closure():
-        opt.zero_grad()
-        loss = (W**2).sum()
-        loss.backward()
-        return loss
-
     before = W.detach().clone()
     with forced("reference"):
-        loss = opt.step(closure)
+        loss = opt.step(sum_of_squares_closure(opt, W))
     assert loss.requires_grad  # the closure ran with autograd on, inside a no_grad step
     assert loss.item() == pytest.approx((before**2).sum().item())
     assert not torch.equal(W.detach(), before)
@@ -287,24 +276,6 @@ def test_bfloat16_params_keep_float32_state_across_load():
     assert torch.equal(opt2.state[W]["momentum_buffer"], opt.state[W]["momentum_buffer"])
 
 
-def ill_conditioned_regression(steps: int, make_optimizer) -> float:
-    """min_W mean ||X W^T - Y||^2 with rotated, ill-conditioned inputs (condition number 100)."""
-    g = gen(0)
-    d, n = 32, 256
-    Q = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
-    X = torch.randn(n, d, generator=g) * torch.logspace(0, -2, d) @ Q.T
-    Y = X @ torch.randn(d, d, generator=g)
-    W = nn.Parameter(torch.zeros(d, d))
-    opt = make_optimizer([W])
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps)
-    for _ in range(steps):
-        opt.zero_grad()
-        ((X @ W.T - Y) ** 2).mean().backward()
-        opt.step()
-        schedule.step()
-    return ((X @ W.T - Y) ** 2).mean().item()
-
-
 @pytest.mark.slow
 def test_muon_beats_tuned_adamw_on_ill_conditioned_problem():
     with forced("reference"):
@@ -342,12 +313,6 @@ def _distributed_worker(rank, world, port, queue):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_distribute_work_without_process_group_is_single_process():
     assert not dist.is_initialized()
     for a, b in zip(distributed_run(True), distributed_run(False)):
@@ -359,7 +324,7 @@ def test_distribute_work_without_process_group_is_single_process():
 def test_distribute_work_over_two_gloo_ranks_matches_single_process():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_distributed_worker, args=(2, _free_port(), queue), nprocs=2, join=True,
+    mp.start_processes(_distributed_worker, args=(2, free_port(), queue), nprocs=2, join=True,
                        start_method="spawn")
     results = dict(queue.get(timeout=60) for _ in range(2))
     expected = distributed_run(distribute_work=False)

@@ -3,7 +3,6 @@ sharded D estimation over two Gloo ranks, and the optimizer machinery."""
 import copy
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ import torch.multiprocessing as mp
 
 from nexus.training.optimizers import Prodigy
 from nexus.training.optimizers.prodigy import prodigy_next_d
+
+from ._helpers import free_port, sparse_grad_embedding, sum_of_squares_closure
 
 SHAPES = [(), (5,), (3, 4), (2, 2, 3)]
 
@@ -182,13 +183,7 @@ def test_closure_loss_is_returned():
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = Prodigy([w])
 
-    def closure():
-        opt.zero_grad()
-        loss = (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    assert opt.step(closure).item() == pytest.approx(5.0)
+    assert opt.step(sum_of_squares_closure(opt, w)).item() == pytest.approx(5.0)
     assert not torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
 
 
@@ -209,8 +204,7 @@ def test_invalid_hyperparameters_name_the_culprit(kwargs, name):
 
 
 def test_sparse_gradients_rejected():
-    emb = torch.nn.Embedding(10, 3, sparse=True)
-    emb(torch.tensor([1, 2])).sum().backward()
+    emb = sparse_grad_embedding(3)
     with pytest.raises(RuntimeError, match="sparse"):
         Prodigy(emb.parameters()).step()
 
@@ -236,18 +230,12 @@ def _sharded_worker(rank, world, port, queue):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sharded_d_estimate_matches_single_process():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_sharded_worker, args=(2, _free_port(), queue), nprocs=2, join=True,
+    mp.start_processes(_sharded_worker, args=(2, free_port(), queue), nprocs=2, join=True,
                        start_method="spawn")
     sharded, sharded_d = queue.get(timeout=60)
     sharded = torch.tensor(sharded, dtype=torch.float64)

@@ -7,6 +7,8 @@ import torch
 
 from nexus.training.optimizers import ScheduleFreeAdamW
 
+from ._helpers import sparse_grad_embedding, sum_of_squares_closure
+
 SHAPES = [(), (5,), (3, 4), (2, 3, 2)]
 
 
@@ -174,13 +176,7 @@ def test_closure_loss_is_returned():
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = ScheduleFreeAdamW([w], lr=0.1)
 
-    def closure():
-        opt.zero_grad()
-        loss = (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    assert opt.step(closure).item() == pytest.approx(5.0)
+    assert opt.step(sum_of_squares_closure(opt, w)).item() == pytest.approx(5.0)
     torch.testing.assert_close(w.detach(), torch.tensor([0.9, -1.9]))
 
 
@@ -201,7 +197,6 @@ def test_invalid_hyperparameters_name_the_culprit(kwargs, name):
 
 
 def test_sparse_gradients_rejected():
-    emb = torch.nn.Embedding(10, 3, sparse=True)
-    emb(torch.tensor([1, 2])).sum().backward()
+    emb = sparse_grad_embedding(3)
     with pytest.raises(RuntimeError, match="sparse"):
         ScheduleFreeAdamW(emb.parameters()).step()

@@ -15,9 +15,7 @@ from torch import nn
 from nexus_kernels import forced
 from nexus.training.optimizers import SOAP
 
-
-def gen(seed: int):
-    return torch.Generator().manual_seed(seed)
+from ._helpers import gen, ill_conditioned_regression, sparse_grad_embedding, sum_of_squares_closure
 
 
 class SoapOracle:
@@ -210,8 +208,7 @@ def test_bad_hyperparameters_raise_naming_them(kwargs, name):
 
 
 def test_sparse_gradients_are_rejected():
-    emb = nn.Embedding(10, 4, sparse=True)
-    emb(torch.tensor([1, 2])).sum().backward()
+    emb = sparse_grad_embedding(4)
     with pytest.raises(RuntimeError, match="sparse"):
         SOAP(emb.parameters()).step()
 
@@ -221,13 +218,7 @@ def test_closure_and_param_groups():
     b = nn.Parameter(torch.randn(5, generator=gen(11)))
     opt = SOAP([{"params": [a]}, {"params": [b], "lr": 0.0, "weight_decay": 0.0}], lr=0.05)
     b0 = b.detach().clone()
-
-    def closure():
-        opt.zero_grad()
-        loss = (a**2).sum() + (b**2).sum()
-        loss.backward()
-        return loss
-
+    closure = sum_of_squares_closure(opt, a, b)
     with forced("reference"):
         for _ in range(3):
             loss = opt.step(closure)
@@ -282,23 +273,9 @@ def test_bfloat16_params_keep_float32_state():
 
 @pytest.mark.slow
 def test_soap_beats_tuned_adamw_on_ill_conditioned_problem():
-    def run(make_optimizer, steps=100):
-        g = gen(0)
-        d, n = 32, 256
-        Q = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
-        X = torch.randn(n, d, generator=g) * torch.logspace(0, -2, d) @ Q.T  # rotated, condition 100
-        Y = X @ torch.randn(d, d, generator=g)
-        W = nn.Parameter(torch.zeros(d, d))
-        opt = make_optimizer([W])
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps)
-        for _ in range(steps):
-            opt.zero_grad()
-            ((X @ W.T - Y) ** 2).mean().backward()
-            opt.step()
-            schedule.step()
-        return ((X @ W.T - Y) ** 2).mean().item()
-
     with forced("reference"):
-        adamw = min(run(lambda p, lr=lr: torch.optim.AdamW(p, lr=lr, weight_decay=0)) for lr in (0.1, 0.3, 1.0, 3.0))
-        soap = run(lambda p: SOAP(p, lr=0.3, betas=(0.9, 0.95), weight_decay=0.0, precondition_frequency=5))
+        adamw = min(ill_conditioned_regression(100, lambda p, lr=lr: torch.optim.AdamW(p, lr=lr, weight_decay=0))
+                    for lr in (0.1, 0.3, 1.0, 3.0))
+        soap = ill_conditioned_regression(
+            100, lambda p: SOAP(p, lr=0.3, betas=(0.9, 0.95), weight_decay=0.0, precondition_frequency=5))
     assert soap < adamw / 10, (soap, adamw)

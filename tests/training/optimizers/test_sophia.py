@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from nexus.training.optimizers import Sophia
 from nexus.training.optimizers.sophia import gnb_hessian_estimate, hutchinson_hessian_estimate
 
+from ._helpers import sum_of_squares_closure
+
 SHAPES = [(), (6,), (3, 4), (2, 3, 2)]
 
 
@@ -203,13 +205,7 @@ def test_closure_loss_is_returned():
     opt = Sophia([w], lr=0.1, weight_decay=0.0, estimator="hutchinson")
     opt.update_hessian(closure=lambda: (w ** 2).sum())
 
-    def closure():
-        opt.zero_grad()
-        loss = (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    assert opt.step(closure).item() == pytest.approx(5.0)
+    assert opt.step(sum_of_squares_closure(opt, w)).item() == pytest.approx(5.0)
     assert not torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
 
 
