@@ -447,6 +447,10 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         try:
             with progress:
+                if self.step == 0 and self.val_loader is not None:  # the baseline the run improves on
+                    start = self.evaluate()
+                    self.log(start)
+                    progress.print_metrics(0, max_steps, start)
                 while self.step < max_steps and not self.should_stop:
                     try:
                         metrics = self._train_step()
