@@ -4,7 +4,7 @@ Both loops run forward, the multi-token loss, backward, clipping, AdamW and the 
 adds its bookkeeping (metrics, JSONL/TensorBoard logging, progress bar, final checkpoint). The bare
 loop runs half its steps before and half after the Trainer, to cancel drift in machine load.
 
-    PYTHONPATH=. python bench/trainer.py [--config configs/tiny.yaml] [--steps 40]
+    PYTHONPATH=. python bench/trainer.py [--config configs/tiny.yaml] [--steps 60]
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def bare_loop(model, optimizer, scheduler, loader, *, steps, seq_len, max_norm, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     ns = parser.parse_args()
 
     cfg = load_config(ns.config)
@@ -52,7 +52,9 @@ def main() -> None:
     t.output_dir = tempfile.mkdtemp(prefix="nexus-bench-")
     t.eval_interval = t.save_interval = 10**9  # time the step loop, not evaluation or checkpoint writes
     warmup = 3
+    t.warmup_steps = min(t.warmup_steps, warmup)
     trainer = build_trainer(cfg, max_steps=warmup + ns.steps)
+    trainer.val_loader = None  # the end-of-run evaluation is not part of the step loop
     bare = build_trainer(cfg, max_steps=warmup + ns.steps)  # same seed: same initial weights and data order
     device = trainer.device
     run_bare = lambda steps: bare_loop(bare.model, bare.optimizer, bare.lr_scheduler, bare.train_loader,  # noqa: E731

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return ns.run(ns)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -44,6 +44,11 @@ def test_bad_config_exits_with_message(tmp_path, capsys):
     assert "d_modle" in err and "bad.yaml" in err
 
 
+def test_max_steps_below_warmup_exits_with_message(small_run, capsys):
+    assert main(["train", "--config", str(small_run("short")), "--max-steps", "1"]) == 2
+    assert "warmup_steps (2) exceeds max_steps (1)" in capsys.readouterr().err
+
+
 def test_python_dash_m_nexus_runs():
     out = subprocess.run([sys.executable, "-m", "nexus", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "prepare" in out.stdout
