@@ -1,8 +1,13 @@
 """Triton kernels for training large transformers, each beside its pure-PyTorch reference."""
 from nexus_kernels._backend import BackendError, forced, select
-
-# Kernel families add their public functions below (one import line each).
-from nexus_kernels.newton_schulz import POLAR_EXPRESS_COEFFS, orthogonalize, orthogonalize_reference, polar_express_coeffs
 from nexus_kernels.cast import cast_to_fp, cast_to_fp_bits, decode_fp_bits
 from nexus_kernels.mx import from_mx, to_mx
-from nexus_kernels.soap import project, project_back, project_back_reference, project_reference, update_preconditioners, update_preconditioners_reference
+from nexus_kernels.newton_schulz import POLAR_EXPRESS_COEFFS, orthogonalize, orthogonalize_reference, polar_express_coeffs
+from nexus_kernels.soap import (
+    project,
+    project_back,
+    project_back_reference,
+    project_reference,
+    update_preconditioners,
+    update_preconditioners_reference,
+)

@@ -1,5 +1,4 @@
 """Optimizers: Lion, Sophia, Prodigy, Schedule-Free AdamW, SOAP, Muon."""
-# Each optimizer module adds its import line here.
 from nexus.training.optimizers.lion import Lion
 from nexus.training.optimizers.sophia import Sophia
 from nexus.training.optimizers.prodigy import Prodigy
