@@ -61,14 +61,12 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
-    momentum: float = 0.95
-    nesterov: bool = True
-    ns_steps: int = 5
-    precondition_frequency: int = 10
-    max_precond_dim: int = 1024
-    rho: float = 0.04
-    hessian_update_period: int = 10
-    d0: float = 1e-6
+    momentum: float = 0.95  # muon
+    precondition_frequency: int = 10  # soap
+    max_precond_dim: int = 1024  # soap
+    rho: float = 0.04  # sophia
+    hessian_update_period: int = 10  # sophia
+    d0: float = 1e-6  # prodigy
 
     def __post_init__(self):
         if self.type not in OPTIMIZER_TYPES:
@@ -122,13 +120,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
+    if tp in (int, float) and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads 3e-4 and 1e11 as strings; 3.0e-4 and 100_000 as numbers
+        try:
+            value = float(value.replace("_", ""))
+        except ValueError:
+            pass
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is int:
-        # YAML reads 100_000_000_000 as int and 1e11 as float: accept a float that is a whole number.
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer():  # 1e11 and 1.0e+11 mean a whole number
             return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")

@@ -100,3 +100,12 @@ def test_qat_section_is_optional_and_exclusive_with_fp8(tmp_path):
     text = BASE.replace("max_steps: 10", "max_steps: 10, precision: fp8") + "qat: {}\n"
     with pytest.raises(ConfigError, match="qat"):
         load_config(write(tmp_path, text))
+
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path):
+    text = BASE.replace("training: {seq_len: 32, max_steps: 10}",
+                        "training: {seq_len: 32, total_tokens: 1e5, max_lr: 3e-4, min_lr: 3e-5}")
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.training.max_lr == 3e-4 and cfg.training.total_tokens == 100000
+    with pytest.raises(ConfigError, match="total_tokens: expected an integer"):
+        load_config(write(tmp_path, text.replace("1e5", "1.5")))

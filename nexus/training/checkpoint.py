@@ -98,10 +98,16 @@ def latest_checkpoint(directory: str | Path) -> Path:
     return found[-1][1]
 
 
-def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` step checkpoints; returns the deleted paths."""
+def prune_checkpoints(directory: str | Path, keep_last: int, *, current_step: int | None = None) -> list[Path]:
+    """Keep the newest ``keep_last`` step checkpoints; returns the deleted paths.
+
+    With ``current_step``, files of later steps are deleted first: they belong to a run that was
+    resumed from an earlier checkpoint, and ``--resume DIR`` must not pick them up.
+    """
     found = step_checkpoints(directory)
-    doomed = [p for _, p in found[: max(len(found) - keep_last, 0)]]
+    stale = [p for step, p in found if current_step is not None and step > current_step]
+    live = [p for step, p in found if current_step is None or step <= current_step]
+    doomed = stale + live[: max(len(live) - keep_last, 0)]
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed

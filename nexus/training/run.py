@@ -23,9 +23,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, lr: float) -> 
     """The optimizer named by ``cfg.type`` with ``cfg.lr`` or, if unset, ``lr``."""
     from nexus.training import optimizers as opt
 
-    lr = cfg.lr if cfg.lr is not None else lr
+    if cfg.lr is not None:
+        lr = cfg.lr
+    elif cfg.type == "prodigy":
+        lr = 1.0  # Prodigy's lr multiplies the step size it estimates; 1.0 is the paper's setting
     if cfg.type == "muon":
-        return opt.get_muon_optimizer(model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return opt.get_muon_optimizer(model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                      adamw_betas=cfg.betas)
     groups = _decay_groups(model, cfg.weight_decay)
     if cfg.type == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
@@ -63,7 +67,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, m
                      peak_lr=peaks, min_lr=floors, decay=args.wsd_decay)
     if args.lr_schedule == "constant":
         return build(optimizer, "constant", warmup_steps=args.warmup_steps)
-    return build(optimizer, "sgdr", T_0=args.restart_steps, T_mult=args.restart_mult, eta_min=min(floors),
+    return build(optimizer, "sgdr", T_0=args.restart_steps, T_mult=args.restart_mult, eta_min=floors,
                  warmup_steps=args.warmup_steps)
 
 
@@ -98,11 +102,7 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
         args = TrainingArguments(**{**vars(args), **overrides})
     torch.manual_seed(args.seed)
     train_loader, val_loader = build_dataloaders(cfg)
-    model = MoETransformer(cfg.model)
-    if args.precision in ("fp8", "mxfp8", "fp4"):
-        from nexus.training.mixed_precision import apply_precision
-
-        model = apply_precision(model, args.precision)
+    model = MoETransformer(cfg.model)  # the Trainer swaps in fp8/mxfp8/fp4 layers per args.precision
     if cfg.qat is not None:
         from nexus.training.qat import prepare_qat
 

@@ -219,27 +219,26 @@ class CosineAnnealingWarmRestarts(LRScheduler):
     Args:
         optimizer: any ``torch.optim.Optimizer`` (its group lrs are the cycle peaks).
         T_0: int >= 1, first cycle length. T_mult: int >= 1, cycle growth factor.
-        eta_min: float >= 0, the floor. warmup_steps: int >= 0.
+        eta_min: float >= 0 (or one per group), the floor. warmup_steps: int >= 0.
 
     Example::
         scheduler = CosineAnnealingWarmRestarts(optimizer, T_0=1000, T_mult=2, eta_min=1e-5,
                                                 warmup_steps=100)
     """
 
-    def __init__(self, optimizer: Optimizer, T_0: int, T_mult: int = 1, eta_min: float = 0.0,
+    def __init__(self, optimizer: Optimizer, T_0: int, T_mult: int = 1, eta_min: float | Sequence[float] = 0.0,
                  warmup_steps: int = 0, last_epoch: int = -1) -> None:
         owner = type(self).__name__
         _check_steps(owner, "T_0", T_0, 1)
         _check_steps(owner, "T_mult", T_mult, 1)
         _check_steps(owner, "warmup_steps", warmup_steps, 0)
-        if not (isinstance(eta_min, (int, float)) and eta_min >= 0.0):
-            raise ValueError(f"{owner}: invalid eta_min={eta_min!r}, expected a number >= 0")
-        self.T_0, self.T_mult, self.eta_min, self.warmup_steps = T_0, T_mult, float(eta_min), warmup_steps
+        self.eta_mins = _per_group(owner, "eta_min", eta_min, optimizer)
+        self.T_0, self.T_mult, self.warmup_steps = T_0, T_mult, warmup_steps
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
-        return [sgdr_lr(self.last_epoch, base, self.T_0, self.T_mult, self.eta_min, self.warmup_steps)
-                for base in self.base_lrs]
+        return [sgdr_lr(self.last_epoch, base, self.T_0, self.T_mult, floor, self.warmup_steps)
+                for base, floor in zip(self.base_lrs, self.eta_mins)]
 
     _get_closed_form_lr = get_lr
 

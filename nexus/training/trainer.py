@@ -37,7 +37,7 @@ class TrainingArguments:
     total_tokens: int | None = None  # sets max_steps when max_steps is not given
     max_lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 0
     lr_schedule: str = "cosine"  # cosine | wsd | sgdr | constant
     decay_steps: int | None = None  # wsd: length of the final decay (default: the last 20% of steps)
     wsd_decay: str = "linear"  # wsd: linear | cosine | 1-sqrt
@@ -75,8 +75,11 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.max_steps is not None and self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        steps = self.resolve_max_steps()
+        if steps is not None and self.warmup_steps > steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({steps})")
+        if not self.max_lr > 0:
+            raise ValueError(f"max_lr must be positive, got {self.max_lr}")
         if not 0 <= self.min_lr <= self.max_lr:
             raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={self.min_lr}, max_lr={self.max_lr}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -113,7 +116,7 @@ class TrainingArguments:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device {self.device!r} was asked for but CUDA is not available")
+            raise ValueError(f"device {self.device!r} was asked for but CUDA is not available")
         return torch.device(self.device)
 
 
@@ -170,6 +173,10 @@ class Trainer:
         if train_loader is None:
             raise ValueError("train_loader is required")
         self.device = self.args.resolve_device()
+        if self.args.precision in ("fp8", "mxfp8", "fp4"):
+            from nexus.training.mixed_precision import apply_precision
+
+            model = apply_precision(model, self.args.precision)  # swapped layers keep the same Parameters
         self.model = model.to(self.device)
         self.optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=self.args.max_lr, weight_decay=0.1)
         self.lr_scheduler = lr_scheduler
@@ -201,7 +208,7 @@ class Trainer:
         if hasattr(sampler, "state_dict"):
             batch_size = getattr(self.train_loader, "batch_size", None) or 1
             state["sampler"] = sampler.state_dict(consumed=self.micro_batches_seen * batch_size)
-        elif hasattr(dataset, "state_dict") and getattr(self.train_loader, "num_workers", 0) == 0:
+        elif hasattr(dataset, "state_dict"):
             state["dataset"] = dataset.state_dict()
         return state
 
@@ -210,15 +217,27 @@ class Trainer:
             self.train_loader.sampler.load_state_dict(state["sampler"])
         elif "dataset" in state:
             self.train_loader.dataset.load_state_dict(state["dataset"])
+        else:  # a plain loader: replay its order up to where the run stopped (exact when not shuffled)
+            self._data_iter = self._new_data_iter()
+            for _ in range(state["micro_batches"]):
+                self._next_batch()
+            self.micro_batches_seen = state["micro_batches"]
+            return
         self._data_iter = None
+
+    def _new_data_iter(self):
+        # A DataLoader iterator draws its base seed from the global RNG unless given a generator;
+        # keep that draw off the training stream so that a resumed run sees the same dropout.
+        with torch.random.fork_rng(devices=[]):
+            return iter(self.train_loader)
 
     def _next_batch(self) -> torch.Tensor:
         if self._data_iter is None:
-            self._data_iter = iter(self.train_loader)
+            self._data_iter = self._new_data_iter()
         try:
             batch = next(self._data_iter)
         except StopIteration:
-            self._data_iter = iter(self.train_loader)
+            self._data_iter = self._new_data_iter()
             batch = next(self._data_iter)
         self.micro_batches_seen += 1
         return batch
@@ -256,12 +275,12 @@ class Trainer:
             window = self._next_batch().to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(window[:, : self.args.seq_len])
-                if micro == 0 and getattr(self.optimizer, "hessian_due", False):
-                    # Sophia's Gauss-Newton-Bartlett estimate reuses this forward's logits
-                    self.optimizer.update_hessian(logits=out.logits)
                 loss, parts = self.compute_loss(window, out)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}")
+            if micro == 0 and getattr(self.optimizer, "hessian_due", False):
+                # Sophia's Gauss-Newton-Bartlett estimate reuses this forward's logits (graph still alive)
+                self.optimizer.update_hessian(logits=out.logits)
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             sums["loss"] = sums.get("loss", 0.0) + loss.item() / accum
@@ -291,6 +310,7 @@ class Trainer:
         self.tokens_seen += tokens
         sums["grad_norm"] = grad_norm
         sums["lr"] = self.optimizer.param_groups[0]["lr"]
+        sums["tokens"] = tokens
         return sums
 
     @torch.no_grad()
@@ -305,19 +325,21 @@ class Trainer:
             swap()
         total, count = 0.0, 0
         devices = [self.device] if self.device.type == "cuda" else []
-        # Evaluating must not move the training RNG streams (the val loader draws a seed), or resuming would diverge.
-        with torch.random.fork_rng(devices=devices):
-            for i, window in enumerate(self.val_loader):
-                if i >= self.args.eval_steps:
-                    break
-                window = window.to(self.device)
-                with self._autocast():
-                    _, parts = self.compute_loss(window)
-                total += parts["lm_loss"].item() * window.shape[0]
-                count += window.shape[0]
-        if callable(swap):
-            self.optimizer.train()
-        self.model.train(was_training)
+        try:
+            # Evaluating must not move the training RNG streams (the val loader draws a seed), or resuming would diverge.
+            with torch.random.fork_rng(devices=devices):
+                for i, window in enumerate(self.val_loader):
+                    if i >= self.args.eval_steps:
+                        break
+                    window = window.to(self.device)
+                    with self._autocast():
+                        _, parts = self.compute_loss(window)
+                    total += parts["lm_loss"].item() * window.shape[0]
+                    count += window.shape[0]
+        finally:
+            if callable(swap):
+                self.optimizer.train()
+            self.model.train(was_training)
         if count == 0:
             raise ValueError("the validation loader yielded no batches")
         loss = total / count
@@ -347,7 +369,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         path = self.checkpoint_dir / f"checkpoint_step_{self.step}.pt"
         ckpt.save_checkpoint(self.state_dict(), path)
-        ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last)
+        ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last, current_step=self.step)
         self.last_checkpoint = path
         for cb in self.callbacks:
             cb.on_save(self, path)
@@ -355,23 +377,24 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything ``save_checkpoint`` wrote; the model must have the same parameters."""
-        state = ckpt.load_checkpoint(path, map_location=self.device)
-        ckpt.check_signature(state["model_signature"], self.model, path)
+        # On CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest to the params' devices.
+        state = ckpt.load_checkpoint(path, map_location="cpu")
         try:
+            ckpt.check_signature(state["model_signature"], self.model, path)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.lr_scheduler is not None and state["scheduler"] is not None:
                 self.lr_scheduler.load_state_dict(state["scheduler"])
             if self.scaler and state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run: {exc}") from exc
-        self.step = state["step"]
-        self.tokens_seen = state["tokens_seen"]
-        self.micro_batches_seen = state["data"]["micro_batches"]
-        self.best_metric = state["best_metric"]
-        self.evals_without_improvement = state["evals_without_improvement"]
-        ckpt.set_rng_state(state["rng"])
+            self.step = state["step"]
+            self.tokens_seen = state["tokens_seen"]
+            self.micro_batches_seen = state["data"]["micro_batches"]
+            self.best_metric = state["best_metric"]
+            self.evals_without_improvement = state["evals_without_improvement"]
+            ckpt.set_rng_state(state["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run: {exc!r}") from exc
         self._restore_data(state["data"])
 
     # ---- logging -------------------------------------------------------------------------------
@@ -446,7 +469,7 @@ class Trainer:
         stop_reason = "max_steps"
         metrics: dict = {}
         progress = TrainingProgress(total=max_steps, start=self.step, enabled=self.args.progress_bar)
-        window_start, window_tokens = time.perf_counter(), 0
+        window_time, window_tokens = 0.0, 0  # tokens/s over training steps only, not eval or checkpoints
         try:
             with progress:
                 if self.step == 0 and self.val_loader is not None:  # the baseline the run improves on
@@ -454,18 +477,23 @@ class Trainer:
                     self.log(start)
                     progress.print_metrics(0, max_steps, start)
                 while self.step < max_steps and not self.should_stop:
+                    good_micro_batches, good_rng = self.micro_batches_seen, ckpt.rng_state()
+                    step_start = time.perf_counter()
                     try:
                         metrics = self._train_step()
                     except NonFiniteLossError as exc:
+                        # the checkpoint must be exactly the state after the last good step
                         self.optimizer.zero_grad(set_to_none=True)
+                        self.micro_batches_seen = good_micro_batches
+                        ckpt.set_rng_state(good_rng)
                         path = self.save_checkpoint()
                         progress.print(f"[red]stopping: {exc}; the last good state is saved in {path}[/red]")
                         self.log({"nonfinite_at_step": self.step + 1})
                         stop_reason = "nonfinite_loss"
                         break
-                    window_tokens += self.args.tokens_per_step
-                    elapsed = time.perf_counter() - window_start
-                    metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                    window_time += time.perf_counter() - step_start
+                    window_tokens += metrics.pop("tokens")
+                    metrics["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
                     if self._flops_per_token and self.args.peak_flops:
                         metrics["mfu"] = metrics["tokens_per_s"] * self._flops_per_token / self.args.peak_flops
                     progress.update(self.step, loss=metrics["loss"], tokens_per_s=metrics["tokens_per_s"])
@@ -474,7 +502,7 @@ class Trainer:
                         progress.print_metrics(self.step, max_steps, metrics)
                         for cb in self.callbacks:
                             cb.on_log(self, metrics)
-                        window_start, window_tokens = time.perf_counter(), 0
+                        window_time, window_tokens = 0.0, 0
                     improved = False
                     if self.val_loader is not None and (
                         self.step % self.args.eval_interval == 0 or self.step == max_steps

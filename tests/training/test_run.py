@@ -47,11 +47,11 @@ def test_each_schedule_builds_and_steps(schedule):
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
+        assert opt.param_groups[1]["lr"] == pytest.approx(lrs[-1] / 10)  # groups keep their ratio every step
         opt.step()
         sched.step()
     assert max(lrs) == pytest.approx(0.01)
     assert lrs[0] < 0.01 and min(lrs[2:]) >= 0.001 - 1e-12
-    assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"] / 10)  # groups keep their ratio
     if schedule == "sgdr":
         assert lrs[6] > lrs[5]  # a restart after the first 4-step cycle (following 2 warmup steps)
 

@@ -98,6 +98,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     m2.load_state_dict(m1.state_dict())
     a = make_trainer(tmp_path / "a", model=m1, gradient_accumulation_steps=2, max_grad_norm=None)
     b = make_trainer(tmp_path / "b", model=m2, gradient_accumulation_steps=1, max_grad_norm=None)
+    for t in (a, b):  # SGD: its step is proportional to the gradient (Adam's first step is not)
+        t.optimizer = torch.optim.SGD(t.model.parameters(), lr=0.5)
+        t.lr_scheduler = None
     b.train_loader = DataLoader(Windows(), batch_size=8, sampler=ResumableShuffleSampler(64, seed=0))
     batch = next(iter(b.train_loader))
     # feed both the same 8 windows: a as two micro-batches of 4, b as one batch of 8
@@ -114,8 +117,42 @@ def test_checkpoints_keep_last_k_and_best(tmp_path):
     names = sorted(p.name for p in tmp_path.glob("checkpoint_step_*.pt"))
     assert names == ["checkpoint_step_4.pt", "checkpoint_step_5.pt"]
     best = ckpt.load_checkpoint(tmp_path / "checkpoint_best.pt")
-    assert best["best_metric"] == t.best_metric
-    assert best["step"] in (2, 4, 5)
+    evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "val_loss" in r and r["step"] > 0]
+    lowest = min(evals, key=lambda r: r["val_loss"])
+    assert best["best_metric"] == t.best_metric == lowest["val_loss"]
+    assert best["step"] == lowest["step"]
+
+
+def test_best_checkpoint_written_between_save_steps(tmp_path):
+    t = make_trainer(tmp_path, save_interval=100, eval_interval=2)
+    t.train(max_steps=3)
+    best = ckpt.load_checkpoint(tmp_path / "checkpoint_best.pt")
+    assert best["step"] in (2, 3) and best["best_metric"] == t.best_metric
+
+
+def test_resuming_from_an_older_checkpoint_drops_the_abandoned_later_ones(tmp_path):
+    t = make_trainer(tmp_path, save_interval=2, keep_last=5)
+    t.train(max_steps=6)
+    assert [s for s, _ in ckpt.step_checkpoints(tmp_path)] == [2, 4, 6]
+    again = make_trainer(tmp_path, save_interval=1, keep_last=5)
+    again.train(max_steps=3, resume_from=tmp_path / "checkpoint_step_2.pt")
+    assert [s for s, _ in ckpt.step_checkpoints(tmp_path)] == [2, 3]
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint_step_3.pt"
+
+
+def test_resume_with_a_plain_loader_replays_its_order(tmp_path):
+    def plain(t):
+        t.train_loader = DataLoader(Windows(), batch_size=4, shuffle=False)
+        return t
+
+    full = plain(make_trainer(tmp_path / "full"))
+    full.train(max_steps=5)
+    plain(make_trainer(tmp_path / "split")).train(max_steps=2)
+    resumed = plain(make_trainer(tmp_path / "split"))
+    resumed.train(max_steps=5, resume_from=tmp_path / "split" / "checkpoint_step_2.pt")
+    for a, b in zip(params(full.model), params(resumed.model)):
+        assert torch.equal(a, b)
 
 
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -173,12 +210,20 @@ def test_nan_loss_stops_with_checkpoint_of_last_good_step(tmp_path):
             if trainer.step == 4:
                 trainer.model.poison = True
 
-    t = make_trainer(tmp_path, callbacks=[Poison()])
+    t = make_trainer(tmp_path / "nan", callbacks=[Poison()])
     res = t.train(max_steps=10)
     assert res.stop_reason == "nonfinite_loss"
     assert res.step == 4
-    saved = ckpt.load_checkpoint(tmp_path / "checkpoint_step_4.pt")
-    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+    saved = ckpt.load_checkpoint(tmp_path / "nan" / "checkpoint_step_4.pt")
+    clean = make_trainer(tmp_path / "clean", save_interval=4)
+    clean.train(max_steps=4)
+    good = ckpt.load_checkpoint(tmp_path / "clean" / "checkpoint_step_4.pt")
+    # exactly the state after step 4: weights, data position and RNG, not the half-run step 5
+    assert saved["data"] == good["data"] and saved["data"]["micro_batches"] == 4 * 2
+    assert torch.equal(saved["rng"]["torch"], good["rng"]["torch"])
+    for name, tensor in good["model"].items():
+        assert torch.equal(saved["model"][name], tensor)
+    tmp_path = tmp_path / "nan"
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["nonfinite_at_step"] == 5
 
@@ -203,6 +248,7 @@ def test_metrics_jsonl_and_tensorboard_written(tmp_path):
     train_steps = [r["step"] for r in records if "loss" in r]
     assert train_steps == [1, 2, 3, 4]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in records if "loss" in r)
+    assert [r["tokens"] for r in records if "loss" in r] == [64, 128, 192, 256]  # 2 x 4 windows x SEQ
     assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4]
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
 
