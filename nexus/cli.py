@@ -47,9 +47,14 @@ def _bench(ns: argparse.Namespace) -> int:
     if not scripts:
         raise SystemExit(f"no benchmarks found in {bench_dir} (run from the repository root)")
     sys.path.insert(0, str(bench_dir.parent.resolve()))
-    for script in scripts:
-        print(f"== {script.stem} ==", flush=True)
-        runpy.run_path(str(script), run_name="__main__")
+    argv = sys.argv
+    try:
+        for script in scripts:
+            print(f"== {script.stem} ==", flush=True)
+            sys.argv = [str(script)]  # each script parses its own (default) arguments
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
     return 0
 
 

@@ -52,3 +52,15 @@ def test_max_steps_below_warmup_exits_with_message(small_run, capsys):
 def test_python_dash_m_nexus_runs():
     out = subprocess.run([sys.executable, "-m", "nexus", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "prepare" in out.stdout
+
+
+def test_bench_runs_named_scripts_with_their_own_arguments(tmp_path, capsys):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "_common.py").write_text("")
+    (bench / "probe.py").write_text(
+        "import argparse\nns = argparse.ArgumentParser().parse_args()\nprint('probe ran', ns)\n")
+    assert main(["bench", "probe", "--bench-dir", str(bench)]) == 0
+    assert "probe ran Namespace()" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no benchmark named"):
+        main(["bench", "missing", "--bench-dir", str(bench)])
