@@ -32,6 +32,7 @@ from nexus_kernels.newton_schulz import _schedule as _ns_schedule
 from nexus.training.optimizers._checks import (
     check_group_betas, check_group_int, check_group_lr, check_group_non_negative, closure_loss, reject_sparse,
 )
+from nexus.training.optimizers._state import load_state_keeping_dtypes
 
 __all__ = ["Muon", "adamw_update", "get_muon_optimizer", "muon_direction", "muon_momentum", "muon_update",
            "update_scale"]
@@ -231,13 +232,7 @@ class Muon(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but state keeps its saved dtype (torch casts it to the parameter's)."""
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in state_dict["state"].items():
-            p = params[index]
-            for key, value in saved.items():
-                if torch.is_tensor(value) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+        load_state_keeping_dtypes(self, state_dict)
 
 
 def _validate(group: dict, where: str) -> None:

@@ -34,6 +34,7 @@ from nexus_kernels.soap import project, project_back, update_preconditioners
 from nexus.training.optimizers._checks import (
     check_group_betas, check_group_int, check_group_lr, check_group_non_negative, closure_loss, reject_sparse,
 )
+from nexus.training.optimizers._state import load_state_keeping_dtypes
 
 __all__ = ["SOAP", "initial_basis", "refresh_basis", "soap_direction"]
 
@@ -204,13 +205,7 @@ class SOAP(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but state keeps its saved dtype (torch casts it to the parameter's)."""
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in state_dict["state"].items():
-            p = params[index]
-            for key, value in saved.items():
-                if torch.is_tensor(value):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+        load_state_keeping_dtypes(self, state_dict)
 
 
 def _validate(group: dict, where: str) -> None:

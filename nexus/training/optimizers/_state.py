@@ -1,0 +1,19 @@
+"""Optimizer state loading shared by the optimizers that keep fp32 state for 16-bit parameters."""
+from __future__ import annotations
+
+import torch
+
+
+def load_state_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict`` but each saved state tensor keeps its dtype.
+
+    torch casts state to the parameter's dtype, which would drop fp32 moments of bf16 parameters
+    to bf16 on resume. Call from the optimizer's own ``load_state_dict`` override.
+    """
+    torch.optim.Optimizer.load_state_dict(optimizer, state_dict)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, saved in state_dict["state"].items():
+        p = params[index]
+        for key, value in saved.items():
+            if torch.is_tensor(value) and key != "step":
+                optimizer.state[p][key] = value.to(device=p.device, copy=True)
