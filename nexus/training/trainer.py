@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from nexus.data.sampler import ResumableShuffleSampler
 from nexus.training import checkpoint as ckpt
 from nexus.training.losses import multi_token_prediction_loss
 
@@ -196,7 +197,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.args.precision == "fp16" else None
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.precision)
         self._data_iter = None
-        self._loggers: list = []
         self._flops_per_token = self._estimate_flops_per_token()
 
     # ---- data position -------------------------------------------------------------------------
@@ -205,7 +205,7 @@ class Trainer:
         state = {"micro_batches": self.micro_batches_seen}
         sampler = getattr(self.train_loader, "sampler", None)
         dataset = getattr(self.train_loader, "dataset", None)
-        if hasattr(sampler, "state_dict"):
+        if isinstance(sampler, ResumableShuffleSampler):
             batch_size = getattr(self.train_loader, "batch_size", None) or 1
             state["sampler"] = sampler.state_dict(consumed=self.micro_batches_seen * batch_size)
         elif hasattr(dataset, "state_dict"):
