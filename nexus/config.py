@@ -54,7 +54,12 @@ OPTIMIZER_TYPES = ("adamw", "muon", "soap", "lion", "sophia", "prodigy", "schedu
 
 @dataclasses.dataclass(kw_only=True)
 class OptimizerConfig:
-    """Which optimizer and its settings; ``lr`` defaults to the training section's ``max_lr``."""
+    """Which optimizer and its settings.
+
+    ``lr`` defaults to the training section's ``max_lr`` (1.0 for prodigy, whose lr scales the step
+    size it estimates). ``schedule_free`` runs without an LR schedule and warms up internally over
+    ``training.warmup_steps``.
+    """
 
     type: str = "adamw"
     lr: float | None = None

@@ -19,8 +19,12 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.type`` with ``cfg.lr`` or, if unset, ``lr``."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, lr: float, *,
+                    warmup_steps: int = 0) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.type`` with ``cfg.lr`` or, if unset, ``lr``.
+
+    ``warmup_steps`` is used by ``schedule_free`` only, which warms up inside the optimizer.
+    """
     from nexus.training import optimizers as opt
 
     if cfg.lr is not None:
@@ -43,7 +47,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, lr: float) -> 
     if cfg.type == "prodigy":
         return opt.Prodigy(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, d0=cfg.d0)
     if cfg.type == "schedule_free":
-        return opt.ScheduleFreeAdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+        return opt.ScheduleFreeAdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, warmup_steps=warmup_steps)
     raise ValueError(f"unknown optimizer type {cfg.type!r}")
 
 
@@ -110,7 +114,8 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
     steps = args.resolve_max_steps()
     if steps is None:
         raise ValueError("training.max_steps or training.total_tokens must be set")
-    optimizer = build_optimizer(model, cfg.optimizer, args.max_lr)
-    scheduler = build_scheduler(optimizer, args, steps)
+    optimizer = build_optimizer(model, cfg.optimizer, args.max_lr, warmup_steps=args.warmup_steps)
+    # schedule-free replaces the LR schedule (its iterate averaging is the decay)
+    scheduler = None if cfg.optimizer.type == "schedule_free" else build_scheduler(optimizer, args, steps)
     return Trainer(model=model, optimizer=optimizer, lr_scheduler=scheduler, train_loader=train_loader,
                    val_loader=val_loader, config=cfg, args=args)

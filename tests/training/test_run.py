@@ -23,6 +23,9 @@ def test_each_optimizer_type_trains(small_run, optimizer):
     assert result.stop_reason == "max_steps"
     assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values() if isinstance(v, float))
     assert changed >= len(list(trainer.model.parameters())) // 2
+    assert (trainer.lr_scheduler is None) == (optimizer == "schedule_free")
+    if optimizer == "prodigy":  # its lr multiplies the estimated step size: the schedule peaks at 1.0
+        assert trainer.optimizer.param_groups[0]["initial_lr"] == 1.0
 
 
 @pytest.mark.slow
