@@ -13,6 +13,7 @@ An unknown or misspelt key, a value of the wrong type, or an impossible value st
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -127,10 +128,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp in (int, float) and isinstance(value, str):
         # PyYAML (YAML 1.1) reads 3e-4 and 1e11 as strings; 3.0e-4 and 100_000 as numbers
-        try:
+        with contextlib.suppress(ValueError):  # not a number: the checks below name the key
             value = float(value.replace("_", ""))
-        except ValueError:
-            pass
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
