@@ -68,6 +68,9 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         >>> ssd_scan(x, dt, -torch.ones(2), torch.randn(1, 6, 3), torch.randn(1, 6, 3), chunk_size=4).shape
         torch.Size([1, 6, 2, 4])
     """
+    dtype = x.dtype
+    work = torch.promote_types(dtype, torch.float32)  # the decays need at least fp32; bf16 casts back
+    x, dt, A, B, C = (v.to(work) for v in (x, dt, A, B, C))
     b, length, h, p = x.shape
     n = B.shape[-1]
     q = min(chunk_size, length)
@@ -94,7 +97,7 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     carried = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, chunk_states)[:, :-1]
     # contribution of the carried state, decayed to each step of the chunk
     y = y + torch.einsum("bcln,bchpn->bclhp", Cc, carried) * torch.exp(a_cum).permute(0, 2, 3, 1)[..., None]
-    return y.reshape(b, c * q, h, p)[:, :length]
+    return y.reshape(b, c * q, h, p)[:, :length].to(dtype)
 
 
 class RoutingMamba(nn.Module):

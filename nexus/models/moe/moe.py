@@ -58,17 +58,19 @@ class SwiGLU(nn.Module):
 
 
 def top_k_routing(logits: torch.Tensor, k: int) -> Routing:
-    """Softmax router probabilities and the renormalised top-k weights.
+    """Softmax router probabilities and the top-k weights: renormalised for k > 1, raw for k = 1.
 
     Shapes: logits [N, E] -> weights [N, k] (dtype of logits), experts [N, k] int64, probs [N, E] fp32.
 
     Example:
         >>> r = top_k_routing(torch.randn(5, 4), k=2)
-        >>> r.weights.sum(-1)  # each row sums to 1
+        >>> r.weights.sum(-1)  # each row sums to 1 (k > 1)
     """
     probs = logits.float().softmax(dim=-1)
     top_p, experts = probs.topk(k, dim=-1)
-    weights = top_p / top_p.sum(dim=-1, keepdim=True)
+    # renormalise only over k > 1 choices: with k = 1 the weight would be exactly 1 and the task loss
+    # would send the router no gradient (Switch keeps the raw probability)
+    weights = top_p / top_p.sum(dim=-1, keepdim=True) if top_p.shape[-1] > 1 else top_p
     return Routing(weights.to(logits.dtype), experts, probs)
 
 

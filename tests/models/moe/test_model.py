@@ -147,9 +147,9 @@ def test_tiny_config_trains_a_step():
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:  # the MTP head is outside this loss
-                    p -= 2.0 * p.grad
+                    p -= 0.05 * p.grad
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    assert losses[0] > losses[1] > losses[2]
 
 
 def test_meta_build_then_materialise_and_init():
@@ -180,3 +180,11 @@ def test_dropout_only_in_training_mode():
     torch.testing.assert_close(model(ids).logits, model(ids).logits)
     model.train()
     assert not torch.allclose(model(ids).logits, model(ids).logits)
+
+
+def test_bfloat16_model_forward_runs_every_feature():
+    torch.manual_seed(0)
+    cfg = MoEConfig(**{**TINY_CONFIG, "vocab_size": 64, "max_seq_len": 16})
+    model = MoETransformer(cfg).to(torch.bfloat16)
+    out = model(torch.randint(0, 64, (1, 12)))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
