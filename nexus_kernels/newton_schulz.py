@@ -224,7 +224,10 @@ if triton is not None:
             if UPCAST:  # the interpreter's low-precision tl.dot is wrong: multiply in fp32 there
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=ACC)
+            if a.dtype == tl.float32 or a.dtype == tl.float64:  # full precision, not TF32, for fp32 inputs
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=ACC, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=ACC)
             a_ptrs += BLOCK_K * sxk
             b_ptrs += BLOCK_K * sxk
         acc = acc * alpha
@@ -273,7 +276,10 @@ if triton is not None:
             if UPCAST:
                 bm = bm.to(tl.float32)
                 xk = xk.to(tl.float32)
-            acc = tl.dot(bm, xk, acc, out_dtype=ACC)
+            if bm.dtype == tl.float32 or bm.dtype == tl.float64:
+                acc = tl.dot(bm, xk, acc, out_dtype=ACC, input_precision="ieee")
+            else:
+                acc = tl.dot(bm, xk, acc, out_dtype=ACC)
             b_ptrs += BLOCK_K * sbn
             x_ptrs += BLOCK_K * sxm
         mask = (rm[:, None] < M) & (rn[None, :] < K)
@@ -381,7 +387,7 @@ def _register_op():
 
     @op.register_fake
     def _(G, flat_coeffs, eps):
-        return torch.empty_like(G)
+        return torch.empty(G.shape, dtype=G.dtype, device=G.device)  # the kernel's output is contiguous
 
     return op
 

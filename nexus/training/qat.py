@@ -176,7 +176,8 @@ class MinMaxObserver(nn.Module):
         # Ranges start empty and take their shape on first use; adopt the saved shape.
         for name in ("min_val", "max_val"):
             if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+                here = getattr(self, name).device  # the module's device, not the checkpoint's
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=here))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

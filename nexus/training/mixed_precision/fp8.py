@@ -113,7 +113,8 @@ def _fp8_matmul(
             scale_b=b_scale.reciprocal(),
             out_dtype=out_dtype,
         )
-    out = (a.float() / a_scale) @ (b.float() / b_scale)
+    with torch.autocast(a.device.type, enabled=False):  # the emulation must stay fp32 under autocast
+        out = (a.float() / a_scale) @ (b.float() / b_scale)
     return out.to(out_dtype)
 
 

@@ -78,3 +78,17 @@ def reject_sparse(owner: str, grad: Tensor, hint: str | None = None) -> None:
     if grad.is_sparse:
         suffix = f" ({hint})" if hint else ""
         raise RuntimeError(f"{owner} does not support sparse gradients{suffix}")
+
+
+def reject_low_precision_params(owner: str, param_groups: list[dict]) -> None:
+    """Refuse 16-bit parameters for optimizers whose statistics live in the parameter's dtype.
+
+    Their small EMA updates (``v * 0.999``) and ~1e-6 first steps round away in bf16/fp16, so the
+    optimizer would silently stop adapting; fp32 master weights under autocast avoid it.
+    """
+    for group in param_groups:
+        for p in group["params"]:
+            if p.dtype in (torch.bfloat16, torch.float16):
+                raise ValueError(
+                    f"{owner}: parameter of shape {tuple(p.shape)} is {p.dtype}; {owner} keeps its statistics in "
+                    "the parameter dtype, where they round away: keep fp32 parameters (train under autocast)")

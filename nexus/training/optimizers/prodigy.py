@@ -29,7 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nexus.training.optimizers._checks import check_betas, check_lr, check_non_negative, closure_loss, reject_sparse
+from nexus.training.optimizers._checks import (
+    check_betas, check_lr, check_non_negative, closure_loss, reject_low_precision_params, reject_sparse,
+)
 
 __all__ = ["Prodigy", "prodigy_accumulate", "prodigy_accumulate_foreach", "prodigy_update",
            "prodigy_update_foreach", "prodigy_next_d"]
@@ -196,6 +198,7 @@ class Prodigy(torch.optim.Optimizer):
                         safeguard_warmup=safeguard_warmup, foreach=foreach,
                         d=d0, d_max=d0, d_hat=0.0, d_numerator=0.0, k=0)
         super().__init__(params, defaults)
+        reject_low_precision_params("Prodigy", self.param_groups)
         self.sharded_params = sharded_params
 
     def _lam(self, group: dict) -> float:

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from nexus.training.optimizers._checks import (
-    check_beta_count, check_int, check_lr, check_non_negative, closure_loss, reject_sparse,
+    check_beta_count, check_int, check_lr, check_non_negative, closure_loss, reject_low_precision_params,
+    reject_sparse,
 )
 
 __all__ = ["ScheduleFreeAdamW", "schedule_free_adamw_update", "schedule_free_adamw_update_foreach"]
@@ -126,6 +127,7 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
                         eps=eps, r=r, weight_lr_power=weight_lr_power, foreach=foreach, k=0,
                         train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
         super().__init__(params, defaults)
+        reject_low_precision_params("ScheduleFreeAdamW", self.param_groups)
 
     @torch.no_grad()
     def eval(self) -> None:

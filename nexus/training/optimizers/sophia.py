@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nexus.training.optimizers._checks import (
-    check_betas, check_int, check_lr, check_non_negative, closure_loss, reject_sparse,
+    check_betas, check_int, check_lr, check_non_negative, closure_loss, reject_low_precision_params,
+    reject_sparse,
 )
 
 __all__ = ["Sophia", "sophia_update", "sophia_update_foreach", "gnb_hessian_estimate",
@@ -178,6 +179,7 @@ class Sophia(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay,
                         update_period=update_period, estimator=estimator, eps=eps, foreach=foreach)
         super().__init__(params, defaults)
+        reject_low_precision_params("Sophia", self.param_groups)
 
     def _state(self, p: Tensor) -> dict:
         state = self.state[p]
