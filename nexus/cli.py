@@ -26,13 +26,9 @@ def _train(ns: argparse.Namespace) -> int:
 
 def _prepare(ns: argparse.Namespace) -> int:
     from nexus.config import load_config
-    from nexus.data import prepare_data
+    from nexus.training.run import prepare_run_data
 
-    cfg = load_config(ns.config)
-    d = cfg.data
-    prepare_data(data_dir=d.data_dir, vocab_size=d.vocab_size, max_corpus_bytes=d.max_corpus_bytes,
-                 tokenizer_path=d.tokenizer_path, train_files=d.train_files, val_files=d.val_files,
-                 seed=cfg.training.seed)
+    prepare_run_data(load_config(ns.config))
     return 0
 
 

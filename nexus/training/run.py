@@ -1,6 +1,8 @@
 """Assemble a training run (data, model, optimizer, schedule, trainer) from a ``RunConfig``."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -75,16 +77,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, m
                  warmup_steps=args.warmup_steps)
 
 
+def prepare_run_data(cfg: RunConfig):
+    """``prepare_data`` with the run's data section (idempotent): what ``nexus prepare`` runs."""
+    from nexus.data import prepare_data
+
+    d = cfg.data
+    return prepare_data(
+        data_dir=d.data_dir, vocab_size=d.vocab_size, max_corpus_bytes=d.max_corpus_bytes,
+        tokenizer_path=d.tokenizer_path, train_files=d.train_files, val_files=d.val_files, seed=cfg.training.seed,
+    )
+
+
 def build_dataloaders(cfg: RunConfig) -> tuple[DataLoader, DataLoader]:
     """Prepare (idempotently) the token files and wrap them in resumable loaders."""
-    from nexus.data import DolmaMemoryMappedDataset, prepare_data
+    from nexus.data import DolmaMemoryMappedDataset
     from nexus.data.sampler import ResumableShuffleSampler
 
     d, t = cfg.data, cfg.training
-    prepared = prepare_data(
-        data_dir=d.data_dir, vocab_size=d.vocab_size, max_corpus_bytes=d.max_corpus_bytes,
-        tokenizer_path=d.tokenizer_path, train_files=d.train_files, val_files=d.val_files, seed=t.seed,
-    )
+    prepared = prepare_run_data(cfg)
     n_pred = cfg.model.n_pred_tokens
     train = DolmaMemoryMappedDataset(prepared.train_tokens_path, t.seq_len, n_pred_tokens=n_pred)
     val = DolmaMemoryMappedDataset(prepared.val_tokens_path, t.seq_len, n_pred_tokens=n_pred)
@@ -103,7 +113,7 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
     args = cfg.training
     overrides = {k: v for k, v in {"device": device, "max_steps": max_steps}.items() if v is not None}
     if overrides:
-        args = TrainingArguments(**{**vars(args), **overrides})
+        args = dataclasses.replace(args, **overrides)
     torch.manual_seed(args.seed)
     train_loader, val_loader = build_dataloaders(cfg)
     model = MoETransformer(cfg.model)  # the Trainer swaps in fp8/mxfp8/fp4 layers per args.precision
