@@ -229,10 +229,18 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML run file. Example: ``cfg = load_config("configs/tiny.yaml"); cfg.model.d_model``."""
     path = Path(path)
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))
+        hint = f"; it holds {', '.join(yamls[:5])}{', ...' if len(yamls) > 5 else ''}" if yamls else ""
+        raise ConfigError(f"{path} is a directory, not a config file: pass a YAML run file{hint}")
+    if not path.exists():
+        raise ConfigError(f"{path}: config file does not exist")
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path} is not a regular file: pass a YAML run file")
     try:
         raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     return config_from_dict(raw, str(path))

@@ -1,4 +1,5 @@
 """YAML run files: every shipped config loads; bad keys, types and values name the key and the file."""
+import re
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def test_vocab_mismatch_and_seq_len_over_max(tmp_path):
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="no such config file"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file does not exist"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "model: [unclosed"))
@@ -109,3 +110,12 @@ def test_yaml_exponent_numbers_are_numbers(tmp_path):
     assert cfg.training.max_lr == 3e-4 and cfg.training.total_tokens == 100000
     with pytest.raises(ConfigError, match="total_tokens: expected an integer"):
         load_config(write(tmp_path, text.replace("1e5", "1.5")))
+
+
+def test_directory_as_config_says_it_is_a_directory(tmp_path):
+    expected = rf"^{re.escape(str(tmp_path))} is a directory, not a config file: pass a YAML run file$"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(tmp_path)
+    write(tmp_path, BASE)
+    with pytest.raises(ConfigError, match=r"is a directory, not a config file: .*; it holds run\.yaml$"):
+        load_config(str(tmp_path))

@@ -15,6 +15,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import DataFileNotFoundError
+
 __all__ = ["CorpusFiles", "build_default_corpus", "stdlib_documents"]
 
 # Bump when the on-disk layout or the selection rule changes, so old corpora are rebuilt.
@@ -44,7 +46,7 @@ def _stdlib_files() -> list[tuple[str, Path, int]]:
     """(relative path, path, size) of every standard-library `.py` file outside site-packages, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
-        raise FileNotFoundError(f"standard library directory {root} does not exist")
+        raise DataFileNotFoundError(f"standard library directory {root} does not exist")
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         # Sort in place so os.walk descends in a deterministic order.

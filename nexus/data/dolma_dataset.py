@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from .errors import DataError, DataFileNotFoundError
 from .tokenizer import TokenizerWrapper, _parse_line, expand_shards
 
 __all__ = ["DolmaStreamingDataset", "DolmaMemoryMappedDataset", "write_token_file", "read_token_header",
@@ -33,13 +34,19 @@ def _raw_documents(path: Path) -> Iterator[tuple[str, int]]:
     """(raw, lineno) per document, unparsed: lineno 0 means raw is the text of a whole .txt file."""
     name = path.name.lower()
     opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if name.endswith((".txt", ".txt.gz")):
-            yield f.read(), 0
-            return
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield line, lineno
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if name.endswith((".txt", ".txt.gz")):
+                yield f.read(), 0
+                return
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield line, lineno
+    except FileNotFoundError:
+        raise DataFileNotFoundError(f"shard {path} does not exist (it was there when the dataset was built)") from None
+    # A truncated gzip ends in EOFError, a non-gzip file in BadGzipFile (an OSError).
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read it as UTF-8 text: {e}") from e
 
 
 def _resolve_rank(rank, world_size):
@@ -276,13 +283,14 @@ def read_token_header(path) -> dict:
     path = Path(path)
     hpath = _header_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"token file {path} does not exist (run `nexus prepare` to create it)")
+        raise DataFileNotFoundError(f"token file {path} does not exist (run `nexus prepare` to create it)")
     try:
         header = json.loads(hpath.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"token file {path} has no header {hpath} (incomplete write? rerun prepare)") from None
+        raise DataFileNotFoundError(f"token file {path} has no header {hpath} "
+                                    f"(incomplete write? rerun prepare)") from None
     except ValueError as e:
-        raise ValueError(f"header {hpath} of token file {path} is not valid JSON: {e}") from None
+        raise DataError(f"header {hpath} of token file {path} is not valid JSON: {e}") from None
     try:
         ok = (header["format"] == _TOKEN_FORMAT and header["version"] == _TOKEN_VERSION
               and isinstance(header["n_tokens"], int) and header["n_tokens"] >= 0
@@ -291,12 +299,12 @@ def read_token_header(path) -> dict:
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"header {hpath} of token file {path} is corrupt or not a {_TOKEN_FORMAT} v{_TOKEN_VERSION} "
+        raise DataError(f"header {hpath} of token file {path} is corrupt or not a {_TOKEN_FORMAT} v{_TOKEN_VERSION} "
                          f"header: {header!r}")
     expected = header["n_tokens"] * np.dtype(header["dtype"]).itemsize
     actual = path.stat().st_size
     if actual != expected:
-        raise ValueError(f"token file {path} has {actual} bytes but its header says {header['n_tokens']} "
+        raise DataError(f"token file {path} has {actual} bytes but its header says {header['n_tokens']} "
                          f"{header['dtype']} tokens ({expected} bytes): truncated or mismatched")
     return header
 
@@ -306,8 +314,9 @@ class DolmaMemoryMappedDataset(Dataset):
 
     Item i is a LongTensor of shape (seq_len + n_pred_tokens,) holding tokens
     [i * stride, i * stride + seq_len + n_pred_tokens); stride defaults to seq_len, so windows
-    overlap by n_pred_tokens and every token is a target once. Files are opened lazily per
-    process, so the dataset pickles cheaply into dataloader workers.
+    overlap by n_pred_tokens and every token is a target once. A file shorter than one window
+    raises `DataError` naming it and both sizes. Files are opened lazily per process, so the
+    dataset pickles cheaply into dataloader workers.
 
     Example:
         ds = DolmaMemoryMappedDataset("data/tiny/train.bin", seq_len=256, n_pred_tokens=4)
@@ -326,14 +335,16 @@ class DolmaMemoryMappedDataset(Dataset):
         self.vocab_size, self.n_tokens = header["vocab_size"], header["n_tokens"]
         self.seq_len, self.n_pred_tokens, self.stride = seq_len, n_pred_tokens, stride
         self.window = seq_len + n_pred_tokens
-        self._len = 0 if self.n_tokens < self.window else (self.n_tokens - self.window) // stride + 1
+        if self.n_tokens < self.window:  # a dataset with no window would fail later with no file named
+            raise DataError(f"token file {self.path} holds {self.n_tokens} tokens, fewer than one window of "
+                            f"seq_len + n_pred_tokens = {seq_len} + {n_pred_tokens} = {self.window}: "
+                            f"give it more text or use a shorter seq_len")
+        self._len = (self.n_tokens - self.window) // stride + 1
         self._mm = None
 
     @property
     def tokens(self) -> np.ndarray:
         """The whole token file as a read-only numpy memmap of shape (n_tokens,)."""
-        if self.n_tokens == 0:
-            return np.empty(0, dtype=self.dtype)  # numpy cannot map an empty file
         if self._mm is None:
             self._mm = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
         return self._mm
@@ -355,7 +366,7 @@ class DolmaMemoryMappedDataset(Dataset):
         start = i * self.stride
         window = np.array(self.tokens[start:start + self.window], dtype=np.int64)
         if int(window.max()) >= self.vocab_size:
-            raise ValueError(f"{self.path}: token id {int(window.max())} >= vocab_size={self.vocab_size} "
+            raise DataError(f"{self.path}: token id {int(window.max())} >= vocab_size={self.vocab_size} "
                              f"in window {i} (corrupt file)")
         return torch.from_numpy(window)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from .corpus import build_default_corpus
 from .dolma_dataset import expand_shards, read_token_header, write_token_file
+from .errors import DataError
 from .tokenizer import TokenizerWrapper, iter_documents, train_bpe_tokenizer
 
 __all__ = ["PreparedData", "prepare_data"]
@@ -85,6 +86,22 @@ def _encode(texts, tok, eos) -> np.ndarray:
     return np.concatenate([np.asarray(e.ids + [eos], dtype=np.int64) for e in encs])
 
 
+def _split_shards(files, split: str) -> list[Path]:
+    """The shards of one split, checked to exist and to hold at least one document."""
+    try:
+        shards = expand_shards(files)
+    except DataError as e:
+        raise type(e)(f"{split}_files: {e}") from None
+    if not shards:
+        raise DataError(f"{split}_files names no shards; give at least one JSONL/.txt shard or a directory of them")
+    # Checked before the tokenizer is trained: an empty split would give a 260-id tokenizer, then no windows.
+    if not any(True for f in shards for _ in iter_documents(f)):
+        names = ", ".join(str(f) for f in shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+        raise DataError(f"the {split} split is empty: no documents in {names} (JSONL: one {{'text': ...}} "
+                        f"object per non-blank line)")
+    return shards
+
+
 def _token_file_ok(path: Path, vocab_size: int) -> int | None:
     try:
         header = read_token_header(path)
@@ -102,7 +119,8 @@ def prepare_data(*, data_dir, vocab_size: int, max_corpus_bytes: int | None = No
     is `tokenizer_path` if that file exists (its vocabulary must fit `vocab_size`), else it is
     trained into `tokenizer_path or data_dir/tokenizer.json`. Writes `data_dir/train.bin` and
     `data_dir/val.bin` (uint16/uint32 ids, eos after each document) and `data_dir/prepare.json`,
-    which makes a rerun with the same inputs skip every step.
+    which makes a rerun with the same inputs skip every step. A missing shard or shard directory,
+    or a split with no documents, raises `DataError` naming the path before any work is done.
 
     Example:
         p = prepare_data(data_dir="data/tiny", vocab_size=4096, max_corpus_bytes=8_000_000)
@@ -125,9 +143,7 @@ def prepare_data(*, data_dir, vocab_size: int, max_corpus_bytes: int | None = No
         _log(f"corpus: Python standard library, {len(train_files)} train + {len(val_files)} val shards "
              f"in {data_dir / 'corpus'}")
     else:
-        train_files, val_files = expand_shards(train_files), expand_shards(val_files)
-        if not train_files or not val_files:
-            raise ValueError("train_files and val_files must each name at least one shard")
+        train_files, val_files = _split_shards(train_files, "train"), _split_shards(val_files, "val")
         _log(f"corpus: {len(train_files)} train + {len(val_files)} val shards given")
     inputs = {"train": _fingerprint(train_files), "val": _fingerprint(val_files)}
 

@@ -15,6 +15,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .errors import DataError, DataFileNotFoundError
+
 __all__ = ["TokenizerWrapper", "train_bpe_tokenizer", "iter_documents", "expand_shards"]
 
 _SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".txt", ".txt.gz")
@@ -35,7 +37,7 @@ def _resolve_tokenizer_file(name_or_path) -> Path:
         path = path / "tokenizer.json"
     if path.is_file():
         return path
-    raise FileNotFoundError(
+    raise DataFileNotFoundError(
         f"no tokenizer at {str(name_or_path)!r}: Nexus loads only a local tokenizer.json (a file, or a "
         f"directory holding one) and never downloads (so hub names like 'gpt2' are not fetched). "
         f"Train one locally with `nexus prepare --config configs/tiny.yaml` or "
@@ -63,7 +65,7 @@ class TokenizerWrapper:
             try:
                 self._tok = Tokenizer.from_file(str(self.path))
             except Exception as e:  # the Rust error says what is wrong inside the file
-                raise ValueError(f"{self.path} is not a valid tokenizer.json: {e}") from e
+                raise DataError(f"{self.path} is not a valid tokenizer.json: {e}") from e
         if max_length is not None and max_length <= 0:
             raise ValueError(f"max_length must be positive or None, got {max_length!r}")
         self.max_length = max_length
@@ -212,6 +214,8 @@ def _out_file(path) -> Path:
 def expand_shards(files) -> list[Path]:
     """Shard paths from a path or list of paths; a directory stands for its shards, sorted.
 
+    A missing path, or a directory without shards, raises `DataFileNotFoundError` naming it.
+
     Example:
         expand_shards("data/tiny/corpus")  # [.../train_00000.jsonl, .../val_00000.jsonl]
     """
@@ -224,19 +228,24 @@ def expand_shards(files) -> list[Path]:
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.name.lower().endswith(_SHARD_SUFFIXES))
             if not found:
-                raise FileNotFoundError(f"directory {p} holds no shards ({', '.join(_SHARD_SUFFIXES)})")
+                raise DataFileNotFoundError(f"shard directory {p} holds no shards "
+                                            f"({', '.join(_SHARD_SUFFIXES)})")
             out.extend(found)
         elif p.is_file():
             if not p.name.lower().endswith(_SHARD_SUFFIXES):
-                raise ValueError(f"{p}: unsupported shard type; expected one of {', '.join(_SHARD_SUFFIXES)}")
+                raise DataError(f"{p}: unsupported shard type; expected one of {', '.join(_SHARD_SUFFIXES)}")
             out.append(p)
+        elif p.name.lower().endswith(_SHARD_SUFFIXES):
+            raise DataFileNotFoundError(f"shard {p} does not exist")
         else:
-            raise FileNotFoundError(f"shard {p} does not exist")
+            raise DataFileNotFoundError(f"shard directory {p} does not exist")
     return out
 
 
 def iter_documents(path, text_field: str = "text") -> Iterator[str]:
     """Texts of one shard: JSONL (`.jsonl`, `.json`, optionally `.gz`), one document per line; `.txt`: the file.
+
+    A file that is not UTF-8, or a damaged gzip stream, raises `DataError` naming the file.
 
     Example:
         for text in iter_documents("data/tiny/corpus/train_00000.jsonl"):
@@ -244,27 +253,32 @@ def iter_documents(path, text_field: str = "text") -> Iterator[str]:
     """
     path = Path(path)
     name = path.name.lower()
-    if name.endswith((".txt", ".txt.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            yield f.read()
-        return
-    if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        raise ValueError(f"{path}: unsupported shard type; expected .jsonl, .jsonl.gz, .json.gz or .txt")
+    if not name.endswith((".txt", ".txt.gz", ".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        raise DataError(f"{path}: unsupported shard type; expected .jsonl, .jsonl.gz, .json.gz or .txt")
     opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield _parse_line(line, path, lineno, text_field)
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if name.endswith((".txt", ".txt.gz")):
+                yield f.read()
+                return
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield _parse_line(line, path, lineno, text_field)
+    except FileNotFoundError:
+        raise DataFileNotFoundError(f"shard {path} does not exist") from None
+    # A truncated gzip ends in EOFError, a non-gzip file in BadGzipFile (an OSError).
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read it as {'gzip-compressed ' if opener is gzip.open else ''}"
+                        f"UTF-8 text: {e}") from e
 
 
 def _parse_line(line: str, path, lineno: int, text_field: str) -> str:
     try:
         doc = json.loads(line)
     except ValueError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from e
     if not isinstance(doc, dict) or not isinstance(doc.get(text_field), str):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object with a string {text_field!r} field")
+        raise DataError(f"{path}:{lineno}: expected a JSON object with a string {text_field!r} field")
     return doc[text_field]
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from nexus.data import (DolmaMemoryMappedDataset, DolmaStreamingDataset, iter_documents, read_token_header,
-                        stdlib_documents, token_dtype, write_token_file)
+from nexus.data import (DataError, DataFileNotFoundError, DolmaMemoryMappedDataset, DolmaStreamingDataset,
+                        expand_shards, iter_documents, read_token_header, stdlib_documents, token_dtype,
+                        write_token_file)
 
 SEQ, PRED = 96, 3
 WINDOW = SEQ + PRED
@@ -226,12 +227,38 @@ def test_memmap_in_dataloader_workers(tmp_path):
     np.testing.assert_array_equal(torch.cat(batches).numpy(), np.stack([src[i * 9: i * 9 + 10] for i in range(len(ds))]))
 
 
-def test_memmap_shorter_than_window_is_empty(tmp_path):
+def test_memmap_shorter_than_one_window_names_file_and_sizes(tmp_path):
     write_token_file(tmp_path / "t.bin", np.arange(10), 100)
-    assert len(DolmaMemoryMappedDataset(tmp_path / "t.bin", seq_len=10, n_pred_tokens=1)) == 0
+    assert len(DolmaMemoryMappedDataset(tmp_path / "t.bin", seq_len=9, n_pred_tokens=1)) == 1  # exactly one window
+    with pytest.raises(DataError, match=r"t\.bin holds 10 tokens, .* seq_len \+ n_pred_tokens = 10 \+ 1 = 11"):
+        DolmaMemoryMappedDataset(tmp_path / "t.bin", seq_len=10, n_pred_tokens=1)
     write_token_file(tmp_path / "e.bin", [], 100)
-    empty = DolmaMemoryMappedDataset(tmp_path / "e.bin", seq_len=4)
-    assert len(empty) == 0 and empty.tokens.shape == (0,)
+    with pytest.raises(ValueError, match=r"e\.bin holds 0 tokens"):  # a ValueError: the CLI prints one line
+        DolmaMemoryMappedDataset(tmp_path / "e.bin", seq_len=4)
+
+
+def test_shard_paths_that_are_missing_or_empty_name_the_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = [(tmp_path / "empty", "shard directory .*empty holds no shards"),
+             (tmp_path / "gone", "shard directory .*gone does not exist"),
+             (tmp_path / "gone.jsonl.gz", "shard .*gone.jsonl.gz does not exist")]
+    for path, pattern in cases:
+        with pytest.raises(DataFileNotFoundError, match=pattern) as err:
+            expand_shards([path])
+        # both kinds: callers catching a missing file, and the CLI's one-line ValueError, see it
+        assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, ValueError)
+
+
+def test_unreadable_shards_name_the_file(small_tokenizer, tmp_path):
+    good = gzip.compress(b'{"text": "abc"}\n' * 2000)
+    (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "plain.jsonl.gz").write_text('{"text": "not compressed"}\n')
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    for name in ("cut.jsonl.gz", "plain.jsonl.gz", "latin1.jsonl"):
+        with pytest.raises(DataError, match=name):
+            list(iter_documents(tmp_path / name))
+        with pytest.raises(DataError, match=name):
+            _windows(_stream(small_tokenizer, [tmp_path / name]))
 
 
 def test_corrupt_header_names_file(tmp_path):
