@@ -7,10 +7,14 @@ crash mid-save leaves the last good checkpoint untouched. A load uses ``torch.lo
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
+import pickle
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +23,44 @@ import torch
 
 FORMAT = "nexus-checkpoint-v1"
 _STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
+_TMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
+# what torch.load(weights_only=True) reads back: anything else in a state is refused at save time
+_LOADABLE_LEAVES = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and the reason."""
+
+
+def plain_data(obj: Any) -> Any:
+    """``obj`` as weights-only-loadable values: dataclasses as dicts, enums as their values, paths as strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return plain_data(obj.value)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: plain_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
+        return [plain_data(v) for v in obj]
+    return obj
+
+
+def check_loadable(state: Any, where: str = "state") -> None:
+    """Raise ``CheckpointError`` naming the first key whose value weights-only loading would refuse."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if not isinstance(key, (str, int)):
+                raise CheckpointError(f"{where} has a key of type {type(key).__name__} ({key!r}): "
+                                      "a checkpoint could not load it")
+            check_loadable(value, f"{where}.{key}")
+    elif isinstance(state, (list, tuple)) and not isinstance(state, torch.Size):
+        for i, value in enumerate(state):
+            check_loadable(value, f"{where}[{i}]")
+    elif not isinstance(state, _LOADABLE_LEAVES):
+        raise CheckpointError(f"{where} holds a {type(state).__module__}.{type(state).__qualname__}, which "
+                              "weights-only loading refuses: convert it to plain data before saving")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -55,8 +93,12 @@ def atomic_write(path: str | Path, write) -> Path:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write ``state`` (tensors and plain containers) atomically to ``path``."""
+    """Write ``state`` (tensors and plain containers) atomically to ``path``.
+
+    A state that ``load_checkpoint`` could not read back is refused here, naming the key, before any byte is written.
+    """
     state = {"format": FORMAT, **state}
+    check_loadable(state)
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -75,6 +117,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {exc}") from exc
+        first_line = str(exc).split("\n")[0]
+        reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), first_line)
+        raise CheckpointError(f"checkpoint {path} holds objects that weights-only loading refuses "
+                              f"(written by another program or an older Nexus): {reason}") from exc
     except Exception as exc:  # torch raises several types for truncated, corrupt or unsafe files
         raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not a weights-only file: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -98,19 +147,69 @@ def latest_checkpoint(directory: str | Path) -> Path:
     return found[-1][1]
 
 
-def prune_checkpoints(directory: str | Path, keep_last: int, *, current_step: int | None = None) -> list[Path]:
-    """Keep the newest ``keep_last`` step checkpoints; returns the deleted paths.
-
-    With ``current_step``, files of later steps are deleted first: they belong to a run that was
-    resumed from an earlier checkpoint, and ``--resume DIR`` must not pick them up.
-    """
+def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
+    """Keep the newest ``keep_last`` step checkpoints; returns the deleted paths."""
     found = step_checkpoints(directory)
-    stale = [p for step, p in found if current_step is not None and step > current_step]
-    live = [p for step, p in found if current_step is None or step <= current_step]
-    doomed = stale + live[: max(len(live) - keep_last, 0)]
+    doomed = [p for _, p in found[: max(len(found) - keep_last, 0)]]
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files that a killed save left in ``directory``; returns them.
+
+    A temporary file is named ``.<target>.tmp-<pid>``; one whose writer is still alive is left alone.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = []
+    for p in sorted(directory.iterdir()):
+        m = _TMP_FILE.match(p.name)
+        if m and p.is_file() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            p.unlink(missing_ok=True)
+            stale.append(p)
+    return stale
+
+
+def set_aside_later_checkpoints(directory: str | Path, step: int) -> Path | None:
+    """Move the step checkpoints after ``step`` (and a best checkpoint from after it) into
+    ``abandoned-<time>/`` inside ``directory``: they belong to the trajectory a resumed run branched
+    from, so they are kept, but ``--resume DIR`` must not pick them up. Returns that folder, or None.
+    """
+    directory = Path(directory)
+    later = [p for s, p in step_checkpoints(directory) if s > step]
+    best = directory / "checkpoint_best.pt"
+    if best.is_file():
+        try:
+            best_step = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["step"]
+        except Exception:  # unreadable: not ours to judge, leave it where it is
+            best_step = step
+        if best_step > step:
+            later.append(best)
+    if not later:
+        return None
+    target = directory / time.strftime("abandoned-%Y%m%d-%H%M%S")
+    n = 1
+    while target.exists():
+        n += 1
+        target = directory / time.strftime(f"abandoned-%Y%m%d-%H%M%S-{n}")
+    target.mkdir()
+    for p in later:
+        os.replace(p, target / p.name)
+    _fsync_dir(directory)
+    return target
 
 
 def model_signature(model: torch.nn.Module) -> list[list]:

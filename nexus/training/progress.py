@@ -9,13 +9,14 @@ class TrainingProgress:
     """A progress bar with loss, tokens/s and ETA; ``enabled=False`` prints only the metric lines."""
 
     def __init__(self, *, total: int, start: int = 0, enabled: bool = True):
-        self.console = Console()
+        # soft_wrap: piped output (CI logs, `| tee`) keeps each metric line whole instead of wrapping at 80 columns
+        self.console = Console(soft_wrap=True, highlight=False)
         self.enabled = enabled
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("lm_loss {task.fields[loss]:.4f}"),  # next-token loss, the quantity val_loss measures
             TextColumn("{task.fields[tps]:,.0f} tok/s"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
@@ -35,10 +36,15 @@ class TrainingProgress:
     def update(self, step: int, *, loss: float, tokens_per_s: float) -> None:
         self._progress.update(self._task, completed=step, loss=loss, tps=tokens_per_s)
 
-    def print(self, message: str) -> None:
-        self._progress.console.print(message)
+    def print(self, message: str, *, markup: bool = True) -> None:
+        self._progress.console.print(message, markup=markup)
 
     def print_metrics(self, step: int, total: int, metrics: dict) -> None:
-        shown = {k: v for k, v in metrics.items() if not k.startswith("mtp_loss_")}
+        """One line; ``lm_loss`` (next token, comparable with ``val_loss``) first, the training objective
+        (all heads plus auxiliary losses) as ``objective``."""
+        shown = {"lm_loss": metrics["lm_loss"]} if "lm_loss" in metrics else {}
+        for k, v in metrics.items():
+            if not k.startswith("mtp_loss_") and k != "lm_loss":
+                shown["objective" if k == "loss" else k] = v
         body = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
-        self.print(f"step {step}/{total} | {body}")
+        self.print(f"step {step}/{total} | {body}", markup=False)

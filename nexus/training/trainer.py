@@ -8,10 +8,10 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,9 @@ import torch
 from nexus.data.sampler import ResumableShuffleSampler
 from nexus.training import checkpoint as ckpt
 from nexus.training.losses import multi_token_prediction_loss
-
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "mxfp8", "fp4")
+from nexus.training.mixed_precision import GradScaler, MixedPrecisionConfig
+from nexus.training.mixed_precision.config import PRECISIONS
+from nexus.training.preemption import StopSignals
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -46,6 +47,7 @@ class TrainingArguments:
     restart_mult: int = 1  # sgdr: cycle length multiplier T_mult
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
+    fp16_loss_scale: float | None = None  # fp16: a static loss scale (e.g. 128.0); dynamic scaling when unset
     mtp_loss_weight: float = 1.0
     log_interval: int = 10
     eval_interval: int = 100
@@ -95,6 +97,8 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.fp16_loss_scale is not None and (self.precision != "fp16" or not self.fp16_loss_scale > 0):
+            raise ValueError(f"fp16_loss_scale ({self.fp16_loss_scale}) needs precision fp16 and a positive value")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
@@ -112,6 +116,15 @@ class TrainingArguments:
         if self.total_tokens is not None:
             return max(self.total_tokens // self.tokens_per_step, 1)
         return None
+
+    def mixed_precision(self) -> MixedPrecisionConfig:
+        """Autocast dtype and loss scaling for ``precision`` (fp8/mxfp8/fp4 layers compute in their own formats)."""
+        static = self.fp16_loss_scale is not None
+        return MixedPrecisionConfig(
+            dtype=self.precision if self.precision in ("bf16", "fp16") else "fp32",
+            loss_scaling="static" if static else "auto",
+            init_scale=self.fp16_loss_scale if static else 2.0**16,
+        )
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -135,10 +148,11 @@ class TrainerCallback:
 class TrainResult:
     step: int
     tokens_seen: int
-    stop_reason: str  # "max_steps" | "early_stopping" | "nonfinite_loss" | "callback"
+    stop_reason: str  # "max_steps" | "early_stopping" | "nonfinite_loss" | "callback" | "signal" | "finished"
     last_checkpoint: Path | None
     best_metric: float | None
     metrics: dict
+    signal: int | None = None  # the signal number when stop_reason == "signal"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -194,9 +208,12 @@ class Trainer:
         self.evals_without_improvement = 0
         self.should_stop = False
         self.last_checkpoint: Path | None = None
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.args.precision == "fp16" else None
-        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.precision)
+        self.resume_command: str | None = None  # e.g. "nexus train --config X": named in the stop message
+        self.precision = self.args.mixed_precision()
+        scaling = self.precision.resolved_loss_scaling != "none"
+        self.scaler = GradScaler(self.precision, device=self.device.type) if scaling else None
         self._data_iter = None
+        self._stops = StopSignals()
         self._flops_per_token = self._estimate_flops_per_token()
 
     # ---- data position -------------------------------------------------------------------------
@@ -244,9 +261,7 @@ class Trainer:
 
     # ---- loss and steps ------------------------------------------------------------------------
     def _autocast(self):
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+        return self.precision.autocast(self.device.type)
 
     def compute_loss(self, window: torch.Tensor, out: Any = None) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch ``window`` [B, seq_len + n_pred_tokens]; returns (loss, parts).
@@ -261,45 +276,51 @@ class Trainer:
         aux = getattr(out, "aux_loss", None)
         if aux is not None:
             total = total + aux
-        parts = {"lm_loss": lm.detach(), "aux_loss": aux.detach() if aux is not None else torch.zeros(())}
+        parts = {"lm_loss": lm.detach(), "aux_loss": aux.detach() if aux is not None else lm.new_zeros(())}
         for k, e in enumerate(extra, start=1):
             parts[f"mtp_loss_{k}"] = e.detach()
         return total, parts
 
     def _train_step(self) -> dict:
+        """One optimizer step. Values stay on the device; one host read per step, for the NaN stop
+        (two on Sophia's Hessian steps). Returns floats for loss, lm_loss, grad_norm, lr and
+        tokens, and device tensors for the other parts (read when logged)."""
         self.model.train()
         accum = self.args.gradient_accumulation_steps
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}
         tokens = 0
         for micro in range(accum):
             window = self._next_batch().to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(window[:, : self.args.seq_len])
                 loss, parts = self.compute_loss(window, out)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}")
             if micro == 0 and getattr(self.optimizer, "hessian_due", False):
-                # Sophia's Gauss-Newton-Bartlett estimate reuses this forward's logits (graph still alive)
+                # Sophia's Gauss-Newton-Bartlett estimate reuses this forward's logits (graph still alive);
+                # a non-finite loss must not reach its Hessian state
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}")
                 self.optimizer.update_hessian(logits=out.logits)
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() / accum
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / accum
+            model_metrics = getattr(out, "metrics", None) or {}
+            for k, v in {"loss": loss.detach(), **parts, **model_metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v / accum
             tokens += window.shape[0] * self.args.seq_len
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
+        if self.scaler:
+            found_inf = self.scaler.found_inf(self.optimizer)  # unscales the gradients first
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), device=self.device)
+        checks = [sums["loss"], sums["lm_loss"], grad_norm] + ([found_inf] if self.scaler else [])
+        loss, lm_loss, grad_norm, *overflow = torch.stack([c.float() for c in checks]).tolist()  # the step's host read
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss} at step {self.step + 1}")
         if not math.isfinite(grad_norm) and self.scaler is None:
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}")
-        skipped = False
+        skipped = bool(overflow and overflow[0])  # the scaler skips steps whose gradients overflowed
         if self.scaler:
-            scale_before = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer, found_inf=skipped)
             self.scaler.update()
-            skipped = self.scaler.get_scale() < scale_before  # the scaler skips steps whose grads overflowed
             sums["skipped"] = float(skipped)
         else:
             self.optimizer.step()
@@ -308,9 +329,8 @@ class Trainer:
             self.lr_scheduler.step()
         self.step += 1
         self.tokens_seen += tokens
-        sums["grad_norm"] = grad_norm
-        sums["lr"] = self.optimizer.param_groups[0]["lr"]
-        sums["tokens"] = tokens
+        sums.update(loss=loss, lm_loss=lm_loss, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                    tokens=tokens)
         return sums
 
     @torch.no_grad()
@@ -323,7 +343,7 @@ class Trainer:
         swap = getattr(self.optimizer, "eval", None)  # schedule-free optimizers evaluate at their x iterate
         if callable(swap):
             swap()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=self.device), 0
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             # Evaluating must not move the training RNG streams (the val loader draws a seed), or resuming would diverge.
@@ -334,7 +354,7 @@ class Trainer:
                     window = window.to(self.device)
                     with self._autocast():
                         _, parts = self.compute_loss(window)
-                    total += parts["lm_loss"].item() * window.shape[0]
+                    total += parts["lm_loss"].float() * window.shape[0]
                     count += window.shape[0]
         finally:
             if callable(swap):
@@ -342,19 +362,17 @@ class Trainer:
             self.model.train(was_training)
         if count == 0:
             raise ValueError("the validation loader yielded no batches")
-        loss = total / count
+        loss = total.item() / count  # one host read per evaluation
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        config = self.config
-        if dataclasses.is_dataclass(config):
-            config = dataclasses.asdict(config)
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "model": self.model.state_dict(),
             "model_signature": ckpt.model_signature(self.model),
+            "optimizer_type": type(self.optimizer).__name__,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -362,23 +380,43 @@ class Trainer:
             "data": self._data_state(),
             "best_metric": self.best_metric,
             "evals_without_improvement": self.evals_without_improvement,
-            "args": dataclasses.asdict(self.args),
-            "config": config,
+            "args": ckpt.plain_data(self.args),
+            "config": ckpt.plain_data(self.config),  # for reference; enums as their values
         }
+
+    def _write_checkpoint(self, path: Path, write) -> None:
+        """Run ``write()``; a signal waits for it, and a failed write names the path and keeps the last good file."""
+        try:
+            with self._stops.critical():
+                write()
+        except OSError as exc:
+            kept = f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint else "no earlier checkpoint"
+            raise ckpt.CheckpointError(f"could not write checkpoint {path}: {exc}; {kept}") from exc
 
     def save_checkpoint(self) -> Path:
         path = self.checkpoint_dir / f"checkpoint_step_{self.step}.pt"
-        ckpt.save_checkpoint(self.state_dict(), path)
-        ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last, current_step=self.step)
+        self._write_checkpoint(path, lambda: ckpt.save_checkpoint(self.state_dict(), path))
+        ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last)
         self.last_checkpoint = path
         for cb in self.callbacks:
             cb.on_save(self, path)
         return path
 
+    def _save_best(self, path: Path | None) -> None:
+        best = self.checkpoint_dir / "checkpoint_best.pt"
+        if path is not None:
+            self._write_checkpoint(best, lambda: ckpt.copy_checkpoint(path, best))
+        else:
+            self._write_checkpoint(best, lambda: ckpt.save_checkpoint(self.state_dict(), best))
+
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything ``save_checkpoint`` wrote; the model must have the same parameters."""
         # On CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest to the params' devices.
         state = ckpt.load_checkpoint(path, map_location="cpu")
+        saved_type, run_type = state.get("optimizer_type"), type(self.optimizer).__name__
+        if saved_type is not None and saved_type != run_type:
+            raise ckpt.CheckpointError(f"checkpoint {path} holds the state of a {saved_type} optimizer, "
+                                       f"but this run uses {run_type}")
         try:
             ckpt.check_signature(state["model_signature"], self.model, path)
             self.model.load_state_dict(state["model"])
@@ -454,29 +492,64 @@ class Trainer:
         self.evals_without_improvement += 1
         return False
 
+    def _prepare_checkpoint_dir(self, say) -> None:
+        """Clear what a killed save left behind; set aside checkpoints ahead of this run's step."""
+        stale = ckpt.remove_stale_temporaries(self.checkpoint_dir)
+        if stale:
+            say(f"removed {len(stale)} temporary file(s) left by an interrupted save: {', '.join(p.name for p in stale)}")
+        moved = ckpt.set_aside_later_checkpoints(self.checkpoint_dir, self.step)
+        if moved is not None:
+            say(f"checkpoints after step {self.step} belong to another run of {self.checkpoint_dir}: moved to {moved}")
+
+    def _stop_message(self, signum: int) -> str:
+        import signal
+
+        where = self.last_checkpoint
+        how = (f"{self.resume_command} --resume {where}" if self.resume_command
+               else f"trainer.train(resume_from={str(where)!r})")
+        return f"stopped by {signal.Signals(signum).name} at step {self.step}; resume with: {how}"
+
+    def _log_metrics(self, metrics: dict) -> dict:
+        """``metrics`` with device tensors read back, in one host read."""
+        keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+        if not keys:
+            return dict(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()
+        return {**metrics, **dict(zip(keys, values))}
+
     def train(self, max_steps: int | None = None, resume_from: str | Path | None = None) -> TrainResult:
-        """Run until ``max_steps`` (argument, ``args.max_steps`` or ``args.total_tokens``), early stopping or NaN."""
+        """Run until ``max_steps`` (argument, ``args.max_steps`` or ``args.total_tokens``), early stopping,
+        NaN, or SIGTERM / Ctrl-C (which finish the step, save a checkpoint and return)."""
         from nexus.training.progress import TrainingProgress
 
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+            print(f"resumed from step {self.step} (tokens {self.tokens_seen:,}) of {resume_from}", flush=True)
         max_steps = max_steps or self.args.resolve_max_steps()
         if max_steps is None:
             raise ValueError("give max_steps (to train() or TrainingArguments) or total_tokens")
+        if self.step >= max_steps:
+            print(f"the run is finished: it is at step {self.step} of {max_steps}; nothing to train", flush=True)
+            return TrainResult(step=self.step, tokens_seen=self.tokens_seen, stop_reason="finished",
+                               last_checkpoint=Path(resume_from) if resume_from else self.last_checkpoint,
+                               best_metric=self.best_metric, metrics={})
+        self._prepare_checkpoint_dir(lambda line: print(line, flush=True))
+        self._stops = StopSignals()
         self._open_loggers()
-        for cb in self.callbacks:
-            cb.on_train_begin(self)
         stop_reason = "max_steps"
         metrics: dict = {}
         progress = TrainingProgress(total=max_steps, start=self.step, enabled=self.args.progress_bar)
         window_time, window_tokens = 0.0, 0  # tokens/s over training steps only, not eval or checkpoints
+        saved_step = None
         try:
-            with progress:
+            with self._stops as stops, progress:
+                for cb in self.callbacks:
+                    cb.on_train_begin(self)
                 if self.step == 0 and self.val_loader is not None:  # the baseline the run improves on
                     start = self.evaluate()
                     self.log(start)
                     progress.print_metrics(0, max_steps, start)
-                while self.step < max_steps and not self.should_stop:
+                while self.step < max_steps and not self.should_stop and stops.requested is None:
                     good_micro_batches, good_rng = self.micro_batches_seen, ckpt.rng_state()
                     step_start = time.perf_counter()
                     try:
@@ -496,8 +569,9 @@ class Trainer:
                     metrics["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
                     if self._flops_per_token and self.args.peak_flops:
                         metrics["mfu"] = metrics["tokens_per_s"] * self._flops_per_token / self.args.peak_flops
-                    progress.update(self.step, loss=metrics["loss"], tokens_per_s=metrics["tokens_per_s"])
+                    progress.update(self.step, loss=metrics["lm_loss"], tokens_per_s=metrics["tokens_per_s"])
                     if self.step % self.args.log_interval == 0 or self.step == max_steps:
+                        metrics = self._log_metrics(metrics)
                         self.log(metrics)
                         progress.print_metrics(self.step, max_steps, metrics)
                         for cb in self.callbacks:
@@ -519,25 +593,43 @@ class Trainer:
                             stop_reason = "early_stopping"
                             self.should_stop = True
                     path = None
-                    if self.step % self.args.save_interval == 0 or self.step == max_steps or self.should_stop:
+                    if (self.step % self.args.save_interval == 0 or self.step == max_steps or self.should_stop
+                            or stops.requested is not None):
                         path = self.save_checkpoint()
+                        saved_step = self.step
                     if improved and self.args.save_best:
-                        best = self.checkpoint_dir / "checkpoint_best.pt"
-                        if path is not None:
-                            ckpt.copy_checkpoint(path, best)
-                        else:
-                            ckpt.save_checkpoint(self.state_dict(), best)
-                if self.should_stop and stop_reason == "max_steps":
+                        self._save_best(path)
+                if stops.requested is not None:
+                    if saved_step != self.step:  # the signal came before the first step of this call
+                        self.save_checkpoint()
+                    stop_reason = "signal"
+                    progress.print(self._stop_message(stops.requested), markup=False)
+                elif self.should_stop and stop_reason == "max_steps":
                     stop_reason = "callback"
         finally:
-            for cb in self.callbacks:
-                cb.on_train_end(self)
-            self._close_loggers()
+            self._finish(failed=sys.exc_info()[1] is not None)
         return TrainResult(
             step=self.step,
             tokens_seen=self.tokens_seen,
             stop_reason=stop_reason,
             last_checkpoint=self.last_checkpoint,
             best_metric=self.best_metric,
-            metrics=metrics,
+            metrics=self._log_metrics(metrics),
+            signal=self._stops.requested,
         )
+
+    def _finish(self, failed: bool) -> None:
+        """End-of-run callbacks and closing the loggers; while an error is already on its way out, a failure
+        here is reported in one line instead of replacing it."""
+        steps = [lambda cb=cb: cb.on_train_end(self) for cb in self.callbacks] + [self._close_loggers]
+        first = None
+        for run in steps:
+            try:
+                run()
+            except Exception as exc:
+                if failed:
+                    print(f"warning: while stopping after an error, {type(exc).__name__}: {exc}", file=sys.stderr)
+                elif first is None:
+                    first = exc
+        if first is not None:
+            raise first

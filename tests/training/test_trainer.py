@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from nexus.data.sampler import ResumableShuffleSampler
 from nexus.training import checkpoint as ckpt
+from nexus.training.mixed_precision import GradScaler, MixedPrecisionConfig
 from nexus.training.trainer import Trainer, TrainerCallback, TrainingArguments
 
 VOCAB, SEQ, NPRED = 32, 8, 2
@@ -131,14 +132,59 @@ def test_best_checkpoint_written_between_save_steps(tmp_path):
     assert best["step"] in (2, 3) and best["best_metric"] == t.best_metric
 
 
-def test_resuming_from_an_older_checkpoint_drops_the_abandoned_later_ones(tmp_path):
-    t = make_trainer(tmp_path, save_interval=2, keep_last=5)
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    t = make_trainer(tmp_path, save_interval=2, keep_last=5, eval_interval=1)
     t.train(max_steps=6)
-    assert [s for s, _ in ckpt.step_checkpoints(tmp_path)] == [2, 4, 6]
+    later = {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint_step_[46].pt")}
+    best_step = ckpt.load_checkpoint(tmp_path / "checkpoint_best.pt")["step"]
+    assert [s for s, _ in ckpt.step_checkpoints(tmp_path)] == [2, 4, 6] and best_step > 2
     again = make_trainer(tmp_path, save_interval=1, keep_last=5)
     again.train(max_steps=3, resume_from=tmp_path / "checkpoint_step_2.pt")
     assert [s for s, _ in ckpt.step_checkpoints(tmp_path)] == [2, 3]
     assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint_step_3.pt"
+    # the trajectory the user branched from is kept, byte for byte, and said so
+    (aside,) = tmp_path.glob("abandoned-*")
+    assert {p.name: p.read_bytes() for p in aside.glob("checkpoint_step_*.pt")} == later
+    assert ckpt.load_checkpoint(aside / "checkpoint_best.pt")["step"] == best_step
+    out = capsys.readouterr().out
+    assert "resumed from step 2 (tokens 128)" in out and str(aside) in out
+
+
+def test_stale_temporary_files_are_removed_at_start_and_said(tmp_path, capsys):
+    tmp_path.mkdir(exist_ok=True)
+    dead = tmp_path / ".checkpoint_step_3.pt.tmp-999999999"  # no such pid: its writer was killed
+    dead.write_bytes(b"half a checkpoint")
+    make_trainer(tmp_path).train(max_steps=1)
+    assert not dead.exists()
+    assert dead.name in capsys.readouterr().out
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, capsys):
+    make_trainer(tmp_path).train(max_steps=3)
+    res = make_trainer(tmp_path).train(max_steps=3, resume_from=tmp_path / "checkpoint_step_3.pt")
+    assert res.stop_reason == "finished" and res.step == 3
+    assert "finished" in capsys.readouterr().out
+
+
+def test_checkpoint_of_another_optimizer_type_is_named(tmp_path):
+    make_trainer(tmp_path).train(max_steps=3)
+    t = make_trainer(tmp_path / "other")
+    t.optimizer = torch.optim.SGD(t.model.parameters(), lr=0.1)
+    with pytest.raises(ckpt.CheckpointError, match="AdamW optimizer, but this run uses SGD"):
+        t.load_checkpoint(tmp_path / "checkpoint_step_3.pt")
+
+
+def test_a_failing_logger_does_not_hide_the_first_error(tmp_path, capsys):
+    class Broken(TrainerCallback):
+        def on_log(self, trainer, metrics):
+            raise RuntimeError("the first error")
+
+        def on_train_end(self, trainer):
+            raise OSError("logger: disk full")
+
+    with pytest.raises(RuntimeError, match="the first error"):
+        make_trainer(tmp_path, callbacks=[Broken()]).train(max_steps=2)
+    assert "logger: disk full" in capsys.readouterr().err
 
 
 def test_resume_with_a_plain_loader_replays_its_order(tmp_path):
@@ -169,7 +215,7 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     t.step = 3  # same target name as the good file: the worst case
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointError, match=f"could not write checkpoint {good}: disk full; the last good"):
         t.save_checkpoint()
     monkeypatch.setattr(torch, "save", real_save)
     assert good.read_bytes() == before
@@ -276,15 +322,77 @@ def test_seed_style_keyword_arguments(tmp_path):
 
 def test_fp16_scaler_skips_overflowing_steps(tmp_path):
     t = make_trainer(tmp_path, precision="fp16")
-    assert t.scaler is not None
+    assert isinstance(t.scaler, GradScaler) and not t.scaler.static
     before = params(t.model)
-    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # guaranteed overflow on the first step
+    # guaranteed overflow on the first step
+    t.scaler = GradScaler(MixedPrecisionConfig(dtype="fp16", init_scale=2.0**100), device="cpu")
     lr_before = t.optimizer.param_groups[0]["lr"]
     m = t._train_step()
     assert m["skipped"] == 1.0
     assert t.optimizer.param_groups[0]["lr"] == lr_before  # a skipped step does not advance the schedule
     for a, b in zip(before, params(t.model)):
         assert torch.equal(a, b)
+    assert t.scaler.skipped_steps == 1
+
+
+def test_static_fp16_loss_scale_is_a_training_argument(tmp_path):
+    t = make_trainer(tmp_path, precision="fp16", fp16_loss_scale=128.0)
+    assert t.scaler.static and t.scaler.get_scale() == 128.0
+    t.train(max_steps=3)
+    assert t.scaler.get_scale() == 128.0 and t.scaler.skipped_steps == 0
+    assert ckpt.load_checkpoint(tmp_path / "checkpoint_step_3.pt")["scaler"]["scale"] == 128.0
+    with pytest.raises(ValueError, match="fp16_loss_scale"):
+        TrainingArguments(precision="bf16", fp16_loss_scale=128.0)
+
+
+def test_a_step_reads_the_host_once(tmp_path):
+    """On a GPU each .item()/.tolist()/bool(tensor) stalls the stream: one read per step (the NaN stop),
+    plus one per logging step and one per evaluation. Not counted: torch's optimizers, which keep their
+    step counters on the CPU, and the data loaders, which work on CPU tensors."""
+    t = make_trainer(tmp_path, log_interval=4, eval_interval=100, save_interval=100, gradient_accumulation_steps=3)
+    t.train(max_steps=1)  # warm up the loaders and the baseline evaluation
+    reads, paused = [], [False]
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counted(name):
+        def read(self, *a, **k):
+            if not paused[0]:
+                reads.append(name)
+            return originals[name](self, *a, **k)
+        return read
+
+    def uncounted(fn):
+        def call(*a, **k):
+            paused[0] = True
+            try:
+                return fn(*a, **k)
+            finally:
+                paused[0] = False
+        return call
+
+    t.optimizer.step = uncounted(t.optimizer.step)
+    t._next_batch = uncounted(t._next_batch)
+    val_loader = t.val_loader
+
+    class UncountedLoader:  # DataLoader.__iter__ draws its base seed with .item() on a CPU tensor
+        def __iter__(self):
+            return uncounted(iter)(val_loader)
+
+    t.val_loader = UncountedLoader()
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, counted(n))
+        for _ in range(8):
+            t._train_step()
+        per_step = len(reads) / 8
+        reads.clear()
+        t.evaluate()
+        per_eval = len(reads)
+    finally:
+        for n in names:
+            setattr(torch.Tensor, n, originals[n])
+    assert per_step == 1 and per_eval == 1
 
 
 def test_wandb_without_the_extra_names_it(tmp_path, monkeypatch):

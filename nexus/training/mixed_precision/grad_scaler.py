@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.amp.grad_scaler import OptState
 
 from nexus.training.mixed_precision.config import MixedPrecisionConfig
 
@@ -39,13 +40,29 @@ class GradScaler(torch.amp.GradScaler):
             enabled=mode != "none",
         )
 
-    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
-        """Unscale (if not yet done) and step ``optimizer`` unless a gradient overflowed."""
-        result = super().step(optimizer, *args, **kwargs)
-        if self.is_enabled():
-            found = self._found_inf_per_device(optimizer)
-            if sum(v.item() for v in found.values()):
-                self.skipped_steps += 1
+    def found_inf(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """On the device, without a host read: > 0 when a gradient of ``optimizer`` is inf/NaN (unscales first)."""
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.READY:
+            self.unscale_(optimizer)
+        return torch.stack([v.to(self._scale.device) for v in state["found_inf_per_device"].values()]).sum()
+
+    def step(self, optimizer: torch.optim.Optimizer, *args, found_inf: bool | None = None, **kwargs):
+        """Unscale (if not yet done) and step ``optimizer`` unless a gradient overflowed.
+
+        ``found_inf``: whether a gradient overflowed, when the caller has already read
+        :meth:`found_inf` on the host (with its other per-step values), which saves torch's own read.
+        """
+        if not self.is_enabled():
+            return optimizer.step(*args, **kwargs)
+        if getattr(optimizer, "_step_supports_amp_scaling", False) or "closure" in kwargs:
+            result = super().step(optimizer, *args, **kwargs)  # torch's path for fused optimizers
+            overflowed = bool(self.found_inf(optimizer)) if found_inf is None else found_inf
+        else:
+            overflowed = bool(self.found_inf(optimizer)) if found_inf is None else found_inf
+            result = None if overflowed else optimizer.step(*args, **kwargs)
+            self._per_optimizer_states[id(optimizer)]["stage"] = OptState.STEPPED
+        self.skipped_steps += int(overflowed)
         return result
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
