@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -64,6 +65,10 @@ class MoEConfig:
     moe_layer_interval: int = 1
     balance_loss_weight: float = 0.01
     router_z_loss_weight: float = 0.001
+    # expert dispatch of the MoE and RoM layers: None = dropless (exact, one host sync per routed layer
+    # per forward); a float > 0 = fixed per-expert capacity ceil(f * tokens * top_k / n_experts), static
+    # shapes and no host sync, assignments past it dropped (f >= n_experts / top_k drops nothing)
+    moe_capacity_factor: float | None = None
     # mixture of depths
     use_mod: bool = True
     mod_capacity_factor: float = 0.75
@@ -102,6 +107,9 @@ class MoEConfig:
         for name in ("balance_loss_weight", "router_z_loss_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        cf = self.moe_capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0.0 < cf < math.inf):
+            raise ValueError(f"moe_capacity_factor must be a finite float > 0 or None, got {cf!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 < self.mod_capacity_factor <= 1.0:

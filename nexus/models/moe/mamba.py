@@ -10,7 +10,9 @@ is the step-by-step loop that defines it.
 Routing (RoM, Zhan et al. 2025, "Routing Mamba"): one router per layer picks top-k of
 ``rom_n_experts`` per token; the same choice selects the expert input projection (to x and the
 gate z) and the expert output projection, each combined with the routing weights. The conv,
-B/C/dt projection, A, D and the gated norm are shared by all experts.
+B/C/dt projection, A, D and the gated norm are shared by all experts. Both projections run on one
+dispatch plan (:func:`nexus.models.moe.moe.plan_dispatch`), dropless or fixed-capacity as in the MoE
+layer: with a capacity, a dropped assignment of a token drops both its projections.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nexus.models.moe.moe import RouterLosses, dispatch_experts, load_balance_loss, router_z_loss, top_k_routing
+from nexus.models.moe.moe import (RouterLosses, expert_capacity, load_balance_loss, plan_dispatch, router_z_loss,
+                                  run_experts, top_k_routing)
 from nexus.models.moe.norm import RMSNorm
 
 
@@ -104,6 +107,8 @@ class RoutingMamba(nn.Module):
     """Routing-Mamba mixer (see module docstring).
 
     Shapes: x [B, T, d_model] -> (out [B, T, d_model], RouterLosses). Causal in T.
+    ``capacity_factor``: None for the dropless expert dispatch (one host sync per forward), a float
+    > 0 for the fixed-capacity one (no host sync), as in :class:`nexus.models.moe.MoEFeedForward`.
 
     Example:
         >>> rom = RoutingMamba(64, d_state=8, d_conv=4, expand=2, head_dim=16, n_experts=2, top_k=1)
@@ -111,9 +116,13 @@ class RoutingMamba(nn.Module):
     """
 
     def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, head_dim: int,
-                 n_experts: int, top_k: int, chunk_size: int = 64, norm_eps: float = 1e-6) -> None:
+                 n_experts: int, top_k: int, chunk_size: int = 64, norm_eps: float = 1e-6,
+                 capacity_factor: float | None = None) -> None:
         super().__init__()
+        if capacity_factor is not None:
+            expert_capacity(1, top_k, n_experts, capacity_factor)  # validates it
         self.d_model, self.d_state, self.top_k, self.chunk_size = d_model, d_state, top_k, chunk_size
+        self.capacity_factor = capacity_factor
         self.d_inner = expand * d_model
         self.head_dim = head_dim
         self.n_heads = self.d_inner // head_dim
@@ -143,7 +152,10 @@ class RoutingMamba(nn.Module):
         flat = x.reshape(-1, self.d_model)
         logits = self.router(flat)
         routing = top_k_routing(logits, self.top_k)
-        xz = dispatch_experts(flat, routing.experts, routing.weights, self.in_experts, 2 * self.d_inner)
+        capacity = None if self.capacity_factor is None else expert_capacity(
+            flat.shape[0], self.top_k, len(self.in_experts), self.capacity_factor)
+        plan = plan_dispatch(routing.experts, routing.weights, len(self.in_experts), capacity)
+        xz = run_experts(flat, plan, self.in_experts, 2 * self.d_inner)
         xin, z = xz.view(b, t, 2 * self.d_inner).split(self.d_inner, dim=-1)
         bm, cm, dt = self.bcdt_proj(x).split([self.d_state, self.d_state, self.n_heads], dim=-1)
         xbc = torch.cat([xin, bm, cm], dim=-1).transpose(1, 2)
@@ -154,7 +166,6 @@ class RoutingMamba(nn.Module):
         y = ssd_scan(xh, dt, -torch.exp(self.A_log.float()), bm, cm, self.chunk_size)
         y = (y + xh * self.D[:, None]).reshape(b, t, self.d_inner)
         y = self.norm(y * F.silu(z))
-        out = dispatch_experts(y.reshape(-1, self.d_inner), routing.experts, routing.weights,
-                               self.out_experts, self.d_model)
+        out = run_experts(y.reshape(-1, self.d_inner), plan, self.out_experts, self.d_model)
         losses = RouterLosses(load_balance_loss(routing.probs, routing.experts), router_z_loss(logits))
         return out.view(b, t, self.d_model), losses

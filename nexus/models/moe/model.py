@@ -32,13 +32,19 @@ class MoEOutput:
     logits [B, T, V]: next-token logits. mtp_logits: n_pred_tokens - 1 tensors [B, T, V], entry
     k - 1 predicts token t + 1 + k at position t. aux_loss: 0-dim, already weighted
     (balance_loss_weight * sum of balance losses + router_z_loss_weight * sum of z-losses over all
-    MoE and RoM layers; zero without routers). aux_metrics: detached floats for logging.
+    MoE and RoM layers; zero without routers).
+
+    aux_metrics: for logging. ``moe_balance_loss``, ``moe_z_loss``, ``rom_balance_loss``,
+    ``rom_z_loss`` (present when the model has such layers) are detached 0-dim fp32 tensors on the
+    model's device, the mean over those layers: the forward never reads them to the host (that would
+    stall a GPU stream every step), so the caller accumulates them and reads them once when it logs
+    (``float(v)``). ``mod_fraction`` (with MoD on) is a Python float, fixed by the shapes.
     """
 
     logits: torch.Tensor
     mtp_logits: tuple[torch.Tensor, ...]
     aux_loss: torch.Tensor
-    aux_metrics: dict[str, float] = field(default_factory=dict)
+    aux_metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 class TransformerBlock(nn.Module):
@@ -58,12 +64,14 @@ class TransformerBlock(nn.Module):
         self.mixer_norm = RMSNorm(c.d_model, c.norm_eps)
         if spec.mixer == "rom":
             self.mixer = RoutingMamba(c.d_model, c.mamba_d_state, c.mamba_d_conv, c.mamba_expand,
-                                      c.mamba_head_dim, c.rom_n_experts, c.rom_top_k, c.mamba_chunk_size, c.norm_eps)
+                                      c.mamba_head_dim, c.rom_n_experts, c.rom_top_k, c.mamba_chunk_size, c.norm_eps,
+                                      capacity_factor=c.moe_capacity_factor)
         else:
             self.mixer = GroupedQueryAttention(c.d_model, c.n_heads, c.n_kv_heads, c.rope_theta, c.dropout)
         self.ffn_norm = RMSNorm(c.d_model, c.norm_eps)
         if spec.ffn == "moe":
-            self.ffn = MoEFeedForward(c.d_model, c.d_ff, c.n_experts, c.moe_top_k, c.n_shared_experts)
+            self.ffn = MoEFeedForward(c.d_model, c.d_ff, c.n_experts, c.moe_top_k, c.n_shared_experts,
+                                      capacity_factor=c.moe_capacity_factor)
         else:
             self.ffn = SwiGLU(c.d_model, c.dense_hidden)
         self.dropout = nn.Dropout(c.dropout)
@@ -186,16 +194,14 @@ class MoETransformer(nn.Module):
         return MoEOutput(logits, mtp_logits, aux_loss, self._metrics(moe_losses, rom_losses, mod_fractions))
 
     @staticmethod
-    def _metrics(moe: list[RouterLosses], rom: list[RouterLosses], mod_fractions: list[float]) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        with torch.no_grad():
-            named = {}
+    def _metrics(moe: list[RouterLosses], rom: list[RouterLosses],
+                 mod_fractions: list[float]) -> dict[str, torch.Tensor | float]:
+        metrics: dict[str, torch.Tensor | float] = {}
+        with torch.no_grad():  # stays on the device: the caller reads it when it logs
             for prefix, group in (("moe", moe), ("rom", rom)):
                 if group:
-                    named[f"{prefix}_balance_loss"] = torch.stack([rl.balance for rl in group]).mean()
-                    named[f"{prefix}_z_loss"] = torch.stack([rl.z for rl in group]).mean()
-            if named:  # one host sync for all router metrics
-                metrics.update(zip(named, torch.stack(list(named.values())).float().tolist()))
+                    metrics[f"{prefix}_balance_loss"] = torch.stack([rl.balance for rl in group]).float().mean()
+                    metrics[f"{prefix}_z_loss"] = torch.stack([rl.z for rl in group]).float().mean()
         if mod_fractions:
             metrics["mod_fraction"] = sum(mod_fractions) / len(mod_fractions)
         return metrics

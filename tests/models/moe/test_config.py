@@ -33,6 +33,11 @@ SMALL = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_f
         (dict(n_heads=32, n_kv_heads=32), "head_dim"),
         (dict(d_ff_dense=0), "d_ff_dense"),
         (dict(n_layers=2.5), "n_layers"),
+        (dict(moe_capacity_factor=0.0), "moe_capacity_factor"),
+        (dict(moe_capacity_factor=-1.0), "moe_capacity_factor"),
+        (dict(moe_capacity_factor=float("inf")), "moe_capacity_factor"),
+        (dict(moe_capacity_factor=float("nan")), "moe_capacity_factor"),
+        (dict(moe_capacity_factor=True), "moe_capacity_factor"),
     ],
     ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()),
 )

@@ -28,7 +28,12 @@ def test_output_shapes_and_metrics():
     assert out.aux_loss.dim() == 0 and out.aux_loss.item() > 0
     assert set(out.aux_metrics) == {"moe_balance_loss", "moe_z_loss", "rom_balance_loss", "rom_z_loss",
                                     "mod_fraction"}
-    assert all(isinstance(v, float) for v in out.aux_metrics.values())
+    # router metrics stay on the device (the caller reads them when it logs); mod_fraction is shape-derived
+    for name in ("moe_balance_loss", "moe_z_loss", "rom_balance_loss", "rom_z_loss"):
+        v = out.aux_metrics[name]
+        assert isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float32, name
+        assert not v.requires_grad and v.device == ids.device and float(v) > 0, name
+    assert isinstance(out.aux_metrics["mod_fraction"], float)
     assert out.aux_metrics["mod_fraction"] == pytest.approx(6 / 12)
 
 
@@ -39,7 +44,8 @@ def test_aux_loss_is_weighted_sum_over_moe_and_rom_layers():
     out = model(torch.randint(0, 97, (1, 8)))
     # 4 MoE layers and 2 RoM layers, metrics hold per-kind means
     m = out.aux_metrics
-    assert out.aux_loss.item() == pytest.approx(4 * m["moe_balance_loss"] + 2 * m["rom_balance_loss"], rel=1e-5)
+    expected = 4 * float(m["moe_balance_loss"]) + 2 * float(m["rom_balance_loss"])
+    assert out.aux_loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_features_off_give_plain_transformer_and_zero_aux():
@@ -60,6 +66,33 @@ def test_gradients_reach_every_parameter():
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert missing == []
+
+
+def test_full_capacity_model_equals_dropless_model_forward_and_gradients():
+    # moe_capacity_factor = E / k for MoE (4 / 2) and RoM (2 / 1): C = N, nothing dropped
+    dropless, capped = _model(), _model(moe_capacity_factor=2.0)
+    capped.load_state_dict(dropless.state_dict())
+    ids = torch.randint(0, 97, (2, 16))
+    outs = []
+    for model in (dropless, capped):
+        out = model(ids)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), ids.flatten()) + out.aux_loss
+        (loss + sum(m.square().mean() for m in out.mtp_logits)).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1].logits, outs[0].logits)
+    torch.testing.assert_close(outs[1].aux_loss, outs[0].aux_loss)
+    for (name, a), b in zip(dropless.named_parameters(), capped.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_low_capacity_model_differs_and_trains():
+    dropless, capped = _model(), _model(moe_capacity_factor=0.5)
+    capped.load_state_dict(dropless.state_dict())
+    ids = torch.randint(0, 97, (2, 16))
+    out = capped(ids)
+    assert not torch.allclose(out.logits, dropless(ids).logits)  # assignments were dropped
+    F.cross_entropy(out.logits.flatten(0, 1), ids.flatten()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in capped.parameters() if p.grad is not None)
 
 
 def test_causal_with_mod_off():
