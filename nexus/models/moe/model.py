@@ -39,12 +39,17 @@ class MoEOutput:
     model's device, the mean over those layers: the forward never reads them to the host (that would
     stall a GPU stream every step), so the caller accumulates them and reads them once when it logs
     (``float(v)``). ``mod_fraction`` (with MoD on) is a Python float, fixed by the shapes.
+    ``metrics`` is the same dict (the name the Trainer looks for on any model output).
     """
 
     logits: torch.Tensor
     mtp_logits: tuple[torch.Tensor, ...]
     aux_loss: torch.Tensor
     aux_metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, torch.Tensor | float]:
+        return self.aux_metrics
 
 
 class TransformerBlock(nn.Module):

@@ -35,6 +35,7 @@ def test_output_shapes_and_metrics():
         assert not v.requires_grad and v.device == ids.device and float(v) > 0, name
     assert isinstance(out.aux_metrics["mod_fraction"], float)
     assert out.aux_metrics["mod_fraction"] == pytest.approx(6 / 12)
+    assert out.metrics is out.aux_metrics  # what the Trainer reads
 
 
 def test_aux_loss_is_weighted_sum_over_moe_and_rom_layers():
