@@ -1,18 +1,10 @@
 """Helpers shared by the optimizer tests (import with ``from ._helpers import ...``)."""
-import socket
-
 import torch
 from torch import nn
 
 
 def gen(seed: int):
     return torch.Generator().manual_seed(seed)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sum_of_squares_closure(opt, *params):

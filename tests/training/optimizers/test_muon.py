@@ -1,18 +1,18 @@
 """Muon and get_muon_optimizer: update equations in float64, orthogonality, routing, state, errors."""
 import io
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from nexus_kernels import forced, polar_express_coeffs
 from nexus.training.optimizers import Muon, get_muon_optimizer
 from nexus.training.optimizers.muon import update_scale
 
-from ._helpers import free_port, gen, ill_conditioned_regression, sparse_grad_embedding, sum_of_squares_closure
+from distributed.harness import run_distributed
+
+from ._helpers import gen, ill_conditioned_regression, sparse_grad_embedding, sum_of_squares_closure
 
 
 def newton_schulz_oracle(M: torch.Tensor, steps: int, abc=(3.4445, -4.7750, 2.0315)) -> torch.Tensor:
@@ -303,14 +303,9 @@ def distributed_run(distribute_work: bool) -> list[torch.Tensor]:
     return [p.detach() for p in params] + [bias.detach()]
 
 
-def _distributed_worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        # every rank sees the same parameters and gradients, as after a data-parallel all-reduce
-        queue.put((rank, [p.tolist() for p in distributed_run(distribute_work=True)]))
-    finally:
-        dist.destroy_process_group()
+def _distributed_rank(rank, world_size):
+    # every rank sees the same parameters and gradients, as after a data-parallel all-reduce
+    return distributed_run(distribute_work=True)
 
 
 def test_distribute_work_without_process_group_is_single_process():
@@ -322,12 +317,10 @@ def test_distribute_work_without_process_group_is_single_process():
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_distribute_work_over_two_gloo_ranks_matches_single_process():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mp.start_processes(_distributed_worker, args=(2, free_port(), queue), nprocs=2, join=True,
-                       start_method="spawn")
-    results = dict(queue.get(timeout=60) for _ in range(2))
+    results = run_distributed(_distributed_rank, world_size=2)
     expected = distributed_run(distribute_work=False)
     for rank in (0, 1):
+        assert len(results[rank]) == len(expected)
         for got, want in zip(results[rank], expected):
-            assert torch.equal(torch.tensor(got, dtype=torch.float64), want), rank
+            assert got.dtype == torch.float64
+            assert torch.equal(got, want), rank

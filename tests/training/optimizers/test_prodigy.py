@@ -2,17 +2,17 @@
 sharded D estimation over two Gloo ranks, and the optimizer machinery."""
 import copy
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nexus.training.optimizers import Prodigy
 from nexus.training.optimizers.prodigy import prodigy_next_d
 
-from ._helpers import free_port, sparse_grad_embedding, sum_of_squares_closure
+from distributed.harness import run_distributed
+
+from ._helpers import sparse_grad_embedding, sum_of_squares_closure
 
 SHAPES = [(), (5,), (3, 4), (2, 2, 3)]
 
@@ -209,36 +209,26 @@ def test_sparse_gradients_rejected():
         Prodigy(emb.parameters()).step()
 
 
-def _sharded_worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        gen = torch.Generator().manual_seed(5)
-        full = torch.randn(8, 3, generator=gen, dtype=torch.float64)
-        target = torch.randn(8, 3, generator=gen, dtype=torch.float64) * 3
-        shard = torch.nn.Parameter(full.chunk(world)[rank].clone())
-        opt = Prodigy([shard], sharded_params=True)
-        for _ in range(6):
-            shard.grad = shard.detach() - target.chunk(world)[rank]
-            opt.step()
-        gathered = [torch.empty_like(shard) for _ in range(world)]
-        dist.all_gather(gathered, shard.detach())
-        if rank == 0:
-            # Plain lists: a tensor in a queue needs its sender alive to be read.
-            queue.put((torch.cat(gathered).tolist(), opt.param_groups[0]["d"]))
-    finally:
-        dist.destroy_process_group()
+def _sharded_rank(rank, world):
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    target = torch.randn(8, 3, generator=gen, dtype=torch.float64) * 3
+    shard = torch.nn.Parameter(full.chunk(world)[rank].clone())
+    opt = Prodigy([shard], sharded_params=True)
+    for _ in range(6):
+        shard.grad = shard.detach() - target.chunk(world)[rank]
+        opt.step()
+    gathered = [torch.empty_like(shard) for _ in range(world)]
+    dist.all_gather(gathered, shard.detach())
+    return torch.cat(gathered), opt.param_groups[0]["d"]
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sharded_d_estimate_matches_single_process():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mp.start_processes(_sharded_worker, args=(2, free_port(), queue), nprocs=2, join=True,
-                       start_method="spawn")
-    sharded, sharded_d = queue.get(timeout=60)
-    sharded = torch.tensor(sharded, dtype=torch.float64)
+    (sharded, sharded_d), rank1 = run_distributed(_sharded_rank, world_size=2)
+    assert rank1[1] == sharded_d  # one d for the whole model, on every rank
+    assert torch.equal(rank1[0], sharded)
     gen = torch.Generator().manual_seed(5)
     full = torch.nn.Parameter(torch.randn(8, 3, generator=gen, dtype=torch.float64))
     target = torch.randn(8, 3, generator=gen, dtype=torch.float64) * 3

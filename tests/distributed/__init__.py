@@ -1,0 +1,1 @@
+"""Multi-process tests: the Gloo harness (harness.py) every distributed test runs through."""
