@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import runpy
+import signal
 import sys
 from pathlib import Path
 
@@ -14,13 +15,19 @@ def _train(ns: argparse.Namespace) -> int:
     cfg = load_config(ns.config)
     if ns.use_wandb:
         cfg.training.use_wandb = True
-    trainer = build_trainer(cfg, device=ns.device, max_steps=ns.max_steps)
+    trainer = build_trainer(cfg, device=ns.device, max_steps=ns.max_steps, source=ns.config)
+    trainer.resume_command = f"nexus train --config {ns.config}"
     n_total = trainer.model.num_parameters()
     n_active = trainer.model.num_parameters(active=True)
     print(f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; device {trainer.device}")
     result = trainer.train(resume_from=ns.resume)
-    print(f"stopped at step {result.step} ({result.stop_reason}); {result.tokens_seen:,} tokens; "
-          f"last checkpoint {result.last_checkpoint}")
+    if result.stop_reason == "signal":  # the trainer has said where to resume from
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the work is saved: a late second Ctrl-C changes nothing
+            signal.signal(sig, signal.SIG_IGN)
+        return 128 + result.signal  # what a shell reports for a process the signal killed: 143, 130
+    if result.stop_reason != "finished":
+        print(f"stopped at step {result.step} ({result.stop_reason}); {result.tokens_seen:,} tokens; "
+              f"last checkpoint {result.last_checkpoint}")
     return 3 if result.stop_reason == "nonfinite_loss" else 0
 
 
@@ -81,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return ns.run(ns)
-    except (ConfigError, CheckpointError, ValueError) as exc:
+    except (ConfigError, CheckpointError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted: stopped at once, nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -106,24 +106,72 @@ def build_dataloaders(cfg: RunConfig) -> tuple[DataLoader, DataLoader]:
     return train_loader, val_loader
 
 
-def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int | None = None) -> Trainer:
-    """Everything ``nexus train`` runs, from a loaded config."""
+def _fit_warmup(args: TrainingArguments, max_steps: int | None, source: str) -> TrainingArguments:
+    """A ``max_steps`` override shorter than the warmup keeps the warmup's fraction of the run, and says so."""
+    if max_steps is None:
+        return args
+    configured = args.resolve_max_steps()
+    shortened = args.warmup_steps
+    if args.warmup_steps > max_steps:
+        fraction = args.warmup_steps / configured if configured else 0.1
+        shortened = min(max(int(fraction * max_steps), 1 if args.warmup_steps else 0), max_steps)
+        print(f"max_steps {max_steps} is shorter than training.warmup_steps {args.warmup_steps} in {source}: "
+              f"warmup shortened to {shortened} steps", flush=True)
+    return dataclasses.replace(args, max_steps=max_steps, warmup_steps=shortened)
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on ``device``: the GPU's, or the machine's physical memory for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_memory(cfg: RunConfig, device: torch.device) -> None:
+    """Count the model's parameters on the meta device (no memory) and refuse a run that cannot fit."""
     from nexus.models.moe import MoETransformer
 
-    args = cfg.training
-    overrides = {k: v for k, v in {"device": device, "max_steps": max_steps}.items() if v is not None}
-    if overrides:
-        args = dataclasses.replace(args, **overrides)
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        n = MoETransformer(cfg.model).num_parameters()
+    needed = n * 16  # fp32 weights and gradients plus two optimizer moments per parameter
+    available = device_memory(device)
+    if needed > available:
+        raise ValueError(f"the model has {n / 1e9:.2f}B parameters and needs about {needed / 2**30:.0f} GiB for "
+                         f"weights, gradients and optimizer state; {device} has {available / 2**30:.0f} GiB")
+
+
+def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int | None = None,
+                  source: str = "the run file") -> Trainer:
+    """Everything ``nexus train`` runs, from a loaded config.
+
+    What can fail cheaply is checked first, each in one line naming the cause: the device, the
+    tracker extra, whether the model fits (counted on the meta device), the data files; only then
+    is the model built.
+    """
+    from nexus.models.moe import MoETransformer
+
+    args = _fit_warmup(cfg.training, max_steps, source)
+    if device is not None:
+        args = dataclasses.replace(args, device=device)
+    resolved = args.resolve_device()
+    if args.use_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("use_wandb needs Weights & Biases: pip install 'nexus-train[track]'") from None
+    steps = args.resolve_max_steps()
+    if steps is None:
+        raise ValueError("training.max_steps or training.total_tokens must be set")
+    _check_memory(cfg, resolved)
     torch.manual_seed(args.seed)
-    train_loader, val_loader = build_dataloaders(cfg)
+    train_loader, val_loader = build_dataloaders(dataclasses.replace(cfg, training=args))
     model = MoETransformer(cfg.model)  # the Trainer swaps in fp8/mxfp8/fp4 layers per args.precision
     if cfg.qat is not None:
         from nexus.training.qat import prepare_qat
 
         model = prepare_qat(model, cfg.qat)
-    steps = args.resolve_max_steps()
-    if steps is None:
-        raise ValueError("training.max_steps or training.total_tokens must be set")
     optimizer = build_optimizer(model, cfg.optimizer, args.max_lr, warmup_steps=args.warmup_steps)
     # schedule-free replaces the LR schedule (its iterate averaging is the decay)
     scheduler = None if cfg.optimizer.type == "schedule_free" else build_scheduler(optimizer, args, steps)

@@ -1,6 +1,7 @@
 """`nexus prepare` / `nexus train` end to end on a small MoE model and a small stdlib corpus."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,9 +45,38 @@ def test_bad_config_exits_with_message(tmp_path, capsys):
     assert "d_modle" in err and "bad.yaml" in err
 
 
-def test_max_steps_below_warmup_exits_with_message(small_run, capsys):
-    assert main(["train", "--config", str(small_run("short")), "--max-steps", "1"]) == 2
-    assert "warmup_steps (2) exceeds max_steps (1)" in capsys.readouterr().err
+def test_max_steps_below_warmup_shortens_the_warmup_and_says_so(small_run, capsys):
+    path = small_run("short")
+    path.write_text(path.read_text().replace("max_steps: 6", "max_steps: 30").replace("warmup_steps: 2", "warmup_steps: 10"))
+    assert main(["train", "--config", str(path), "--max-steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"max_steps 3 is shorter than training.warmup_steps 10 in {path}: warmup shortened to 1 steps" in out
+    assert load_checkpoint(path.parent / "short" / "checkpoint_step_3.pt")["args"]["warmup_steps"] == 1
+
+
+def test_warmup_longer_than_the_run_file_itself_is_named(small_run, capsys):
+    path = small_run("long_warmup", extra="warmup_steps: 9")
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "warmup_steps (9) exceeds max_steps (6)" in err and "long_warmup.yaml" in err
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_5b_config_on_this_machine_fails_in_one_line_before_building_anything(device, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("nexus.training.run.device_memory", lambda device: 24 * 2**30)  # this machine, wherever run
+    config = Path(__file__).resolve().parents[2] / "configs" / "training_dolma.yaml"
+    argv = ["train", "--config", str(config)] + (["--device", device] if device else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    if device is None:  # the file asks for cuda
+        assert err == "error: device 'cuda' was asked for but CUDA is not available"
+    else:  # counted on the meta device: 5.03B parameters cannot train in 24 GiB
+        assert err == ("error: the model has 5.03B parameters and needs about 75 GiB for weights, gradients and "
+                       "optimizer state; cpu has 24 GiB")
 
 
 def test_python_dash_m_nexus_runs():
