@@ -10,9 +10,10 @@ from pathlib import Path
 
 def _train(ns: argparse.Namespace) -> int:
     from nexus.config import load_config
+
+    cfg = load_config(ns.config)  # a bad file is named before the training stack is imported
     from nexus.training.run import build_trainer
 
-    cfg = load_config(ns.config)
     if ns.use_wandb:
         cfg.training.use_wandb = True
     trainer = build_trainer(cfg, device=ns.device, max_steps=ns.max_steps, source=ns.config)
