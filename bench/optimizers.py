@@ -3,22 +3,27 @@
 Times ``optimizer.step()`` alone (gradients fixed, no forward/backward) for every optimizer in
 ``nexus.training.optimizers`` (per-tensor and foreach paths), ``torch.optim.AdamW`` (foreach and
 fused) and public implementations when installed (``lion-pytorch``, ``schedulefree``,
-``prodigyopt``, ``heavyball``; none is a dependency). Reports median ms with the IQR spread,
-the ratio to fused AdamW, optimizer-state MB and the bytes-moved bandwidth of the step.
+``prodigyopt``, ``heavyball``; none is a dependency). Each optimizer is timed in alternation with
+the baseline, fused AdamW (foreach AdamW where fused is unavailable), for ``--pairs`` rounds:
+``ratio`` is the median over rounds of its step time / the baseline's, with min, max and a verdict
+("inconclusive: spread X%" when the rounds disagree). Also: median ms, optimizer-state MB and the
+bytes-moved bandwidth of the step.
 
     PYTHONPATH=. python bench/optimizers.py            # CUDA: GPT-2 125M shapes; CPU: scaled down
     PYTHONPATH=. python bench/optimizers.py --full     # 125M shapes on CPU too (slow)
+    PYTHONPATH=. python bench/optimizers.py --pairs 9 --only Lion
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import math
+import statistics
 from typing import Callable
 
 import torch
 
-from bench._common import default_device, device_info, gbps, print_table, time_fn, write_json
+from bench._common import RATIO_NOTE, add_pair_arguments, blocked_timer, compare, gbps, print_table, setup, write_json
 import nexus.training.optimizers as nexus_optimizers
 
 GPT_125M = dict(vocab=50257, d_model=768, n_layers=12, context=1024)
@@ -132,11 +137,13 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--full", action="store_true", help="GPT-2 125M shapes even on CPU")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timed runs per row")
+    parser.add_argument("--min-run-time", type=float, default=0.1, help="seconds of timed runs per timing")
     parser.add_argument("--only", default=None, help="substring filter on row names")
+    add_pair_arguments(parser)
     args = parser.parse_args()
 
-    device = torch.device(args.device) if args.device else default_device()
+    env = setup(args.device, min_run_time=args.min_run_time, no_gpu_note=None)
+    device = env.device
     dtype = getattr(torch, args.dtype)
     config = GPT_125M if (device.type == "cuda" or args.full) else CPU_SCALED
     shapes = gpt_shapes(**config)
@@ -146,47 +153,61 @@ def main() -> None:
           + (" (CPU: GPT shapes scaled down from 125M: d_model 256, 4 layers, vocab 8192; "
              "use --full for 125M; GPU figures need a GPU)" if scaled else " (GPT-2 125M shapes)"))
 
-    rows, fused_ms = [], None
-    for name, build in candidates(device).items():
-        if args.only and args.only not in name and "fused" not in name:
+    builders = candidates(device)
+    baseline = "torch.AdamW(fused)" if callable(builders["torch.AdamW(fused)"]) else "torch.AdamW(foreach)"
+    print(RATIO_NOTE.format(baseline=baseline, pairs=args.pairs, spread=args.max_spread))
+    measure = blocked_timer(device, args.min_run_time)
+    param_bytes = n_params * torch.finfo(dtype).bits // 8
+
+    def row(name, opt, seconds, cells):
+        sbytes = state_bytes(opt)
+        # Read grad, read+write params and every state tensor: the floor a fused kernel can reach.
+        moved = 3 * param_bytes + 2 * sbytes
+        return {"optimizer": name, "ms": round(seconds * 1e3, 3), "state MB": round(sbytes / 2 ** 20, 1),
+                "GB/s": round(gbps(moved, seconds), 2), **cells}
+
+    # The baseline lives through the whole run; each candidate alternates with it, one candidate at a time.
+    base_opt = builders[baseline](make_params(shapes, device, dtype))
+    base_opt.step()  # creates the state outside the timing
+    base_times: list[float] = []
+    rows, comparisons = [], []
+    for name, build in builders.items():
+        if name == baseline or (args.only and args.only not in name):
             continue
         if isinstance(build, str):
-            rows.append({"optimizer": name, "ms": "", "±%": "", "x fused AdamW": "", "state MB": "",
-                         "GB/s": "", "note": build})
+            rows.append({"optimizer": name, "verdict": build})
             print(f"{name}: {build}")
             continue
         named = make_params(shapes, device, dtype)
         try:
             opt = build(named)
             opt.step()  # creates the state outside the timing
-            timing = time_fn(opt.step, device=device, min_run_time=args.min_run_time)
         except Exception as exc:  # a peer's failure is a row, not the end of the run
-            rows.append({"optimizer": name, "ms": "", "±%": "", "x fused AdamW": "", "state MB": "",
-                         "GB/s": "", "note": f"failed: {type(exc).__name__}: {exc}"[:120]})
+            rows.append({"optimizer": name, "verdict": f"failed: {type(exc).__name__}: {exc}"[:120]})
             print(f"{name}: failed: {exc}")
             continue
-        ms = timing.median_s * 1e3
-        if name == "torch.AdamW(fused)":
-            fused_ms = ms
-        sbytes = state_bytes(opt)
-        param_bytes = n_params * torch.finfo(dtype).bits // 8
-        # Read grad, read+write params and every state tensor: the floor a fused kernel can reach.
-        moved = 3 * param_bytes + 2 * sbytes
-        rows.append({"optimizer": name, "ms": round(ms, 3), "±%": round(timing.spread_pct, 1),
-                     "x fused AdamW": "", "state MB": round(sbytes / 2 ** 20, 1),
-                     "GB/s": round(gbps(moved, timing.median_s), 2), "note": ""})
-        print(f"{name}: {ms:.3f} ms ±{timing.spread_pct:.1f}%")
+        result = compare({baseline: base_opt.step, name: opt.step}, baseline=baseline, pairs=args.pairs,
+                         measure=measure, warmup=0, max_spread=args.max_spread)
+        comparisons += result.to_json(name)
+        if name in result.errors:
+            rows.append({"optimizer": name, **result.cells(name)})
+            print(f"{name}: {result.errors[name]}")
+        else:
+            base_times += result.times[baseline]
+            rows.append(row(name, opt, result.median_s(name), result.cells(name)))
+            print(f"{name}: {result.median_s(name) * 1e3:.3f} ms; {result.comparisons[name].describe()}")
         del opt, named
-    for row in rows:
-        if fused_ms and isinstance(row["ms"], float):
-            row["x fused AdamW"] = round(row["ms"] / fused_ms, 2)
+    if base_times:
+        rows.insert(0, row(baseline, base_opt, statistics.median(base_times),
+                           {"ratio": 1.0, "min": "", "max": "", "verdict": "baseline"}))
     print()
-    print_table(rows)
-    info = device_info(device)
+    print_table(rows, ["optimizer", "ms", "ratio", "min", "max", "verdict", "state MB", "GB/s"])
+    info = env.info
     print(f"\nmeasured copy bandwidth: {info.get('copy_GBps', float('nan')):.1f} GB/s (the ceiling for GB/s above)")
-    write_json("optimizers", rows, info=info,
+    write_json("optimizers", rows, info=info, comparisons=comparisons,
                config={"shapes": "cpu_scaled" if scaled else "gpt2_125m", **config, "n_params": n_params,
-                       "dtype": args.dtype, "min_run_time": args.min_run_time})
+                       "dtype": args.dtype, "min_run_time": args.min_run_time, "baseline": baseline,
+                       "pairs": args.pairs, "max_spread": args.max_spread})
 
 
 if __name__ == "__main__":
