@@ -2,12 +2,20 @@
 
 - ``triton``: CUDA tensors and Triton importable: the fused kernel.
 - ``interpret``: CPU tensors while ``TRITON_INTERPRET=1`` (read by Triton when a kernel is
-  decorated, so it must be set before ``nexus_kernels`` is imported): the same kernel source,
-  run by Triton's interpreter.
+  decorated, i.e. when its private kernel module is imported on the first launch, so it must be
+  set before then): the same kernel source, run by Triton's interpreter.
 - ``reference``: otherwise: plain PyTorch.
 
 ``NEXUS_BACKEND=reference|triton|interpret`` forces a path for every call; ``forced(name)`` does the
 same for a block of code. Forcing a kernel path where it cannot run raises ``BackendError``.
+
+Triton is optional: nothing here or in the public modules imports it. Each family's
+``@triton.jit`` kernels live in a private module (``_cast_kernels``, ``_mx_kernels``, ...) that its
+launcher imports on the first kernel launch; without Triton every call takes the reference path,
+and forcing ``triton`` or ``interpret`` is a ``BackendError`` that says Triton is not installed.
+
+Every launcher is a ``torch.library`` custom op in the ``nexus`` namespace (``register_op``) with a
+fake implementation, so ``torch.compile`` traces through it; the op itself picks the path per call.
 """
 from __future__ import annotations
 
@@ -26,13 +34,25 @@ class BackendError(RuntimeError):
     """A forced backend cannot run the call it was asked for."""
 
 
+OP_NAMESPACE = "nexus"
+
+
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
+    """Whether ``import triton`` works (checked once per process)."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def register_op(name: str, impl, fake, mutates_args: tuple[str, ...] = ()):
+    """Register ``impl`` (type-annotated) as the custom op ``nexus::<name>`` with fake implementation
+    ``fake`` (same arguments; returns empty tensors of the output shapes, dtypes and strides)."""
+    op = torch.library.custom_op(f"{OP_NAMESPACE}::{name}", mutates_args=mutates_args)(impl)
+    op.register_fake(fake)
+    return op
 
 
 def interpreting() -> bool:
@@ -84,10 +104,11 @@ def select(*tensors: torch.Tensor) -> str:
         return path or "reference"
     if path is None:
         why = (
-            "Triton is not installed"
+            "Triton is not installed (`pip install triton`; wheels exist for Linux x86_64 and aarch64)"
             if not triton_available()
             else f"tensors are on {device.type} and TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}"
         )
-        raise BackendError(f"backend {name!r} was forced but cannot run here: {why}")
+        by = "forced()" if getattr(_override, "name", None) else f"NEXUS_BACKEND={name}"
+        raise BackendError(f"backend {name!r} was forced ({by}) but cannot run here: {why}")
     # 'triton' and 'interpret' name the same kernel; the device decides how it runs.
     return path

@@ -15,7 +15,9 @@ Rounding (of the value ``x`` read exactly as float32):
   gap (values that fall below 2**-30 of it round down). Random bits are a counter-based hash of
   ``(seed, flat element index)`` (murmur3's 32-bit finaliser, applied twice), computed identically
   in the Triton kernel and the torch reference, so both return the same bits for the same seed.
-  ``seed=None`` draws a seed from torch's global generator (reproducible under
+  ``seed`` is an int in [0, 2**64) or a one-element integer tensor (its 64 bits, two's complement;
+  a tensor seed drawn on the device needs no host sync and keeps ``torch.compile`` graphs whole).
+  ``seed=None`` draws one with ``torch.randint`` on ``x``'s device (reproducible under
   ``torch.manual_seed``). The same seed on the same shape gives the same rounding: vary the seed
   per step.
 
@@ -33,16 +35,18 @@ saturated value, keeping the sign) for NaN inputs; MX blocks mark NaN through th
 -0 keeps its sign (code 0x80, or 0x8 for E2M1), as do values that round to zero.
 
 Float64, integer and complex inputs raise ``TypeError``; non-contiguous inputs are copied to a
-contiguous layout first.
+contiguous layout first. The casts are not differentiable: outputs never require grad.
+
+Each public function checks its arguments, turns ``seed`` into an int64 tensor, and calls its custom
+op (``torch.ops.nexus.cast_to_fp_bits``, ``cast_to_fp``, ``decode_fp_bits``), which runs the
+reference or the Triton kernel (``_cast_kernels``, imported on first launch) as ``select`` says.
 """
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from nexus_kernels._backend import select
-from nexus_kernels.formats import E8M0, FloatFormat, get_format
+from nexus_kernels._backend import register_op, select
+from nexus_kernels.formats import E8M0, FORMATS, FloatFormat, get_format
 
 __all__ = [
     "cast_to_fp",
@@ -90,25 +94,36 @@ def _check_rounding(rounding: str, saturate: bool, fmt: FloatFormat) -> None:
         raise ValueError(f"saturate=False needs an inf or NaN code, and {fmt.name} has neither; use saturate=True")
 
 
-def _fmix32(h: int) -> int:
-    """murmur3's 32-bit finaliser on a Python int (used for the per-call key)."""
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    h ^= h >> 16
-    return h
+def _op_format(fmt: FloatFormat) -> str:
+    """The name a custom op takes for ``fmt``; the kernels and ops know the library's formats only."""
+    if FORMATS.get(fmt.name) != fmt:
+        raise ValueError(f"format {fmt.name!r} is not one of the library's formats ({', '.join(FORMATS)}); "
+                         "the casts support those only")
+    return fmt.name
 
 
-def seed_key(seed: int | None) -> int:
-    """32-bit hash key for ``seed`` (an int in [0, 2**64)); ``None`` draws one from torch's generator."""
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def seed_tensor(seed: int | torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``seed`` as a 0-d int64 tensor on ``device`` (ints >= 2**63 wrap to their two's complement).
+
+    ``None`` draws one with ``torch.randint`` on ``device`` (no host sync; ``torch.manual_seed``
+    makes it repeatable). A tensor seed must hold one integer.
+    """
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype not in _INT_DTYPES:
+            raise TypeError(f"a seed tensor must have an integer dtype, got {seed.dtype}")
+        if seed.numel() != 1:
+            raise ValueError(f"a seed tensor must hold one value, got shape {tuple(seed.shape)}")
+        return seed.detach().to(device=device, dtype=torch.int64).reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        raise TypeError(f"seed must be an int, a one-element integer tensor or None, got {type(seed).__name__}")
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    return _fmix32((seed & _MASK32) ^ _fmix32(((seed >> 32) & _MASK32) ^ 0x9E3779B9))
+    return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64, device=device)
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
@@ -117,6 +132,7 @@ def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def _fmix32_reference(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2**32)."""
     h = h ^ (h >> 16)
     h = _mul32(h, 0x85EBCA6B)
     h = h ^ (h >> 13)
@@ -124,7 +140,14 @@ def _fmix32_reference(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def random_bits_reference(key: int, index: torch.Tensor) -> torch.Tensor:
+def seed_key(seed: torch.Tensor) -> torch.Tensor:
+    """32-bit hash key (0-d int64 in [0, 2**32)) of an int64 seed tensor from ``seed_tensor``."""
+    lo = seed & _MASK32
+    hi = (seed >> 32) & _MASK32  # arithmetic shift, then the mask: the seed's high 32 bits
+    return _fmix32_reference(lo ^ _fmix32_reference(hi ^ 0x9E3779B9))
+
+
+def random_bits_reference(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Uniform 32-bit random numbers (int64 in [0, 2**32)) for flat element indices ``index`` (int64)."""
     lo = index & _MASK32
     hi = index >> 32
@@ -210,7 +233,8 @@ def cast_to_fp_bits_reference(x, fmt, rounding="nearest", seed=None, saturate=Tr
     fmt = get_format(fmt)
     rand = None
     if rounding == "stochastic":
-        rand = random_bits_reference(seed_key(seed), torch.arange(x.numel(), dtype=torch.int64).view(x.shape))
+        index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
+        rand = random_bits_reference(seed_key(seed_tensor(seed, x.device)), index)
     codes = round_to_codes_reference(x, fmt, rounding=rounding, rand=rand, saturate=saturate)
     return codes.to(torch.uint8)
 
@@ -225,119 +249,8 @@ def cast_to_fp_reference(x, fmt, rounding="nearest", seed=None, saturate=True) -
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton: integer bit arithmetic on float32 bits (exact on the interpreter and every GPU)
+# Launchers: the Triton kernels live in _cast_kernels, imported on the first launch
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _fmix32_tl(h):
-    h = h ^ (h >> 16)
-    h = h * 0x85EBCA6B
-    h = h ^ (h >> 13)
-    h = h * 0xC2B2AE35
-    return h ^ (h >> 16)
-
-
-@triton.jit
-def _random_bits_tl(key, index):
-    """32-bit uniform ints (uint32) for int64 ``index``: same hash as ``random_bits_reference``."""
-    lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
-    return _fmix32_tl(_fmix32_tl(lo ^ key.to(tl.uint32)) ^ hi)
-
-
-@triton.jit
-def _round_to_code_tl(bits, scale_exp, rand, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
-                      MAX_CODE: tl.constexpr, MAX_SIG: tl.constexpr, OVERFLOW_CODE: tl.constexpr,
-                      NAN_CODE: tl.constexpr, SIGN_SHIFT: tl.constexpr, STOCHASTIC: tl.constexpr,
-                      SR_RES: tl.constexpr):
-    """Code (int32) of float32 ``bits`` / 2**scale_exp rounded to the format.
-
-    The magnitude is sig * 2**(e - 23) with a 24-bit significand; rounding to the format's quantum
-    2**(max(e, EMIN) - MAN_BITS) drops ``s`` low bits of ``sig``; RNE uses the dropped bits as
-    guard + sticky, SR adds ``s`` random bits before truncating. The code is then
-    ((max(e, EMIN) - EMIN) << MAN_BITS) + q, which carries into the exponent when q overflows.
-    """
-    sign = (bits >> 31) & 1
-    a = bits & 0x7FFFFFFF
-    e32 = a >> 23
-    sig = tl.where(e32 > 0, (a & 0x7FFFFF) | 0x800000, a & 0x7FFFFF)
-    e = tl.where(e32 > 0, e32 - 127, -126)
-    # Normalise float32 subnormals (a scale of 2**-127 can lift them into range): 5-step clz.
-    c = sig < (1 << 8)
-    sig = tl.where(c, sig << 16, sig)
-    e = tl.where(c, e - 16, e)
-    c = sig < (1 << 16)
-    sig = tl.where(c, sig << 8, sig)
-    e = tl.where(c, e - 8, e)
-    c = sig < (1 << 20)
-    sig = tl.where(c, sig << 4, sig)
-    e = tl.where(c, e - 4, e)
-    c = sig < (1 << 22)
-    sig = tl.where(c, sig << 2, sig)
-    e = tl.where(c, e - 2, e)
-    c = sig < (1 << 23)
-    sig = tl.where(c, sig << 1, sig)
-    e = tl.where(c, e - 1, e)
-    e = e - scale_exp
-    s = (23 - MAN_BITS) + tl.maximum(EMIN - e, 0)
-    # Keep at most SR_RES dropped bits (shift amounts stay below 32; sig < 2**24 fits).
-    extra = tl.minimum(tl.maximum(s - SR_RES, 0), 31)
-    sig_s = sig >> extra
-    s = tl.minimum(s, SR_RES)
-    if STOCHASTIC:
-        q = (sig_s + (rand >> (32 - s)).to(tl.int32)) >> s
-    else:
-        q = sig_s >> s
-        rem = sig_s & ((1 << s) - 1)
-        half = 1 << (s - 1)
-        q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
-    code = ((tl.maximum(e, EMIN) - EMIN) << MAN_BITS) + q
-    overflow = (code > MAX_CODE) | (e32 == 255)
-    if STOCHASTIC:
-        # SR overflows when |x| itself exceeds max normal, so in-range inputs keep both neighbours.
-        overflow = overflow | (e > EMAX) | ((e == EMAX) & (sig > MAX_SIG))
-    code = tl.where(overflow, OVERFLOW_CODE, code)
-    code = tl.where(a > 0x7F800000, NAN_CODE, code)
-    return code | (sign << SIGN_SHIFT)
-
-
-@triton.jit
-def _decode_code_tl(code, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
-                    SIGNED: tl.constexpr, HAS_INF: tl.constexpr, NAN_CODE: tl.constexpr):
-    """float32 value of int32 ``code``: built as float32 bits (normals) or m * 2**(emin - man) (subnormals)."""
-    MAG_BITS: tl.constexpr = EXP_BITS + MAN_BITS
-    mag = code & ((1 << MAG_BITS) - 1)
-    biased = mag >> MAN_BITS
-    man = mag & ((1 << MAN_BITS) - 1)
-    normal_bits = ((biased - BIAS + 127) << 23) | (man << (23 - MAN_BITS))
-    if MAN_BITS == 0:
-        # E8M0: code 0 is 2**-127, a float32 subnormal.
-        out_bits = tl.where(biased == 0, 0x00400000, normal_bits)
-    else:
-        sub = man.to(tl.float32) * (2.0 ** (1 - BIAS - MAN_BITS))
-        out_bits = tl.where(biased == 0, sub.to(tl.int32, bitcast=True), normal_bits)
-    if HAS_INF:
-        top = biased == (1 << EXP_BITS) - 1
-        out_bits = tl.where(top, tl.where(man == 0, 0x7F800000, 0x7FC00000), out_bits)
-    elif NAN_CODE >= 0:
-        out_bits = tl.where(mag == NAN_CODE, 0x7FC00000, out_bits)
-    if SIGNED:
-        out_bits = out_bits | (((code >> MAG_BITS) & 1) << 31)
-    return out_bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _store_float_tl(ptr, value, mask, OUT_BF16: tl.constexpr):
-    """Store float32 ``value`` to ``ptr``'s dtype; bfloat16 rounds in integers (the interpreter's
-    float32 -> bfloat16 cast is wrong on subnormals): RNE on the top 16 bits, NaN kept quiet."""
-    if OUT_BF16:
-        b = value.to(tl.uint32, bitcast=True)
-        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        r = tl.where(value != value, (b >> 16) | 0x40, r)
-        tl.store(ptr, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
-
-
 def round_constexprs(fmt: FloatFormat, saturate: bool) -> dict:
     """Compile-time constants of ``_round_to_code_tl`` for ``fmt``."""
     overflow = fmt.max_code if saturate else (fmt.inf_code if fmt.has_inf else fmt.nan_code)
@@ -353,61 +266,28 @@ def decode_constexprs(fmt: FloatFormat) -> dict:
                 HAS_INF=fmt.has_inf, NAN_CODE=fmt.nan_code if fmt.nan_code is not None else -1)
 
 
-@triton.jit(do_not_specialize=["key"])
-def _cast_kernel(x_ptr, out_ptr, n, key, MAN_BITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
-                 MAX_CODE: tl.constexpr, MAX_SIG: tl.constexpr, OVERFLOW_CODE: tl.constexpr,
-                 NAN_CODE: tl.constexpr, SIGN_SHIFT: tl.constexpr, SR_RES: tl.constexpr, EXP_BITS: tl.constexpr,
-                 BIAS: tl.constexpr, HAS_INF: tl.constexpr, DEC_NAN_CODE: tl.constexpr,
-                 STOCHASTIC: tl.constexpr, OUT_CODES: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    bits = x.to(tl.int32, bitcast=True)
-    if STOCHASTIC:
-        rand = _random_bits_tl(key, offs)
-    else:
-        rand = 0
-    code = _round_to_code_tl(bits, 0, rand, MAN_BITS, EMIN, EMAX, MAX_CODE, MAX_SIG, OVERFLOW_CODE, NAN_CODE,
-                             SIGN_SHIFT, STOCHASTIC, SR_RES)
-    if OUT_CODES:
-        tl.store(out_ptr + offs, code.to(tl.uint8), mask=mask)
-    else:
-        value = _decode_code_tl(code, EXP_BITS, MAN_BITS, BIAS, True, HAS_INF, DEC_NAN_CODE)
-        value = tl.where(x != x, x, value)  # NaN stays NaN even where the format has no NaN code
-        _store_float_tl(out_ptr + offs, value, mask, OUT_BF16)
-
-
-@triton.jit
-def _decode_kernel(code_ptr, out_ptr, n, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
-                   SIGNED: tl.constexpr, HAS_INF: tl.constexpr, NAN_CODE: tl.constexpr, OUT_BF16: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    code = tl.load(code_ptr + offs, mask=mask, other=0).to(tl.int32)
-    code = code & ((1 << (EXP_BITS + MAN_BITS + SIGNED)) - 1)
-    value = _decode_code_tl(code, EXP_BITS, MAN_BITS, BIAS, SIGNED, HAS_INF, NAN_CODE)
-    _store_float_tl(out_ptr + offs, value, mask, OUT_BF16)
-
-
 def _block_for(backend: str) -> int:
     # The interpreter pays per program: few large programs; on a GPU 1024 elements per program.
     return 16384 if backend == "interpret" else 1024
 
 
-def _cast_launch(x: torch.Tensor, fmt: FloatFormat, rounding: str, seed: int | None, saturate: bool,
+def _cast_launch(x: torch.Tensor, fmt: FloatFormat, rounding: str, seed: torch.Tensor | None, saturate: bool,
                  out_codes: bool, backend: str) -> torch.Tensor:
+    """Kernel path of the casts: ``x`` contiguous; ``seed`` 0-d int64 on x's device (stochastic only)."""
     out = torch.empty(x.shape, dtype=torch.uint8 if out_codes else x.dtype, device=x.device)
     n = x.numel()
-    stochastic = rounding == "stochastic"
-    key = seed_key(seed) if stochastic else 0
     if n == 0:
         return out
+    from nexus_kernels import _cast_kernels
+
+    stochastic = rounding == "stochastic"
     block = _block_for(backend)
     dec = decode_constexprs(fmt)
-    _cast_kernel[(triton.cdiv(n, block),)](
-        x, out, n, key, **round_constexprs(fmt, saturate), EXP_BITS=fmt.exp_bits, BIAS=fmt.bias,
-        HAS_INF=fmt.has_inf, DEC_NAN_CODE=dec["NAN_CODE"], STOCHASTIC=stochastic, OUT_CODES=out_codes,
-        OUT_BF16=out.dtype == torch.bfloat16, BLOCK=block, num_warps=4)
+    # Without stochastic rounding the seed is never read: x stands in for its pointer.
+    _cast_kernels._cast_kernel[(-(-n // block),)](
+        x, out, n, seed if stochastic else x, **round_constexprs(fmt, saturate), EXP_BITS=fmt.exp_bits,
+        BIAS=fmt.bias, HAS_INF=fmt.has_inf, DEC_NAN_CODE=dec["NAN_CODE"], STOCHASTIC=stochastic,
+        OUT_CODES=out_codes, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=block, num_warps=4)
     return out
 
 
@@ -416,21 +296,70 @@ def _decode_launch(codes: torch.Tensor, fmt: FloatFormat, dtype: torch.dtype, ba
     n = codes.numel()
     if n == 0:
         return out
+    from nexus_kernels import _cast_kernels
+
     block = _block_for(backend)
-    _decode_kernel[(triton.cdiv(n, block),)](codes, out, n, **decode_constexprs(fmt), OUT_BF16=dtype == torch.bfloat16,
-                                             BLOCK=block, num_warps=4)
+    _cast_kernels._decode_kernel[(-(-n // block),)](
+        codes, out, n, **decode_constexprs(fmt), OUT_BF16=dtype == torch.bfloat16, BLOCK=block, num_warps=4)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: the path is chosen inside, per call; fake implementations give shapes and dtypes
+# ----------------------------------------------------------------------------------------------
+def _cast_impl(x: torch.Tensor, fmt: str, rounding: str, seed: torch.Tensor | None, saturate: bool,
+               out_codes: bool) -> torch.Tensor:
+    fmt = get_format(fmt)
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("stochastic rounding needs a seed tensor (the public functions draw one)")
+    backend = select(x)
+    if backend == "reference":
+        reference = cast_to_fp_bits_reference if out_codes else cast_to_fp_reference
+        return reference(x, fmt, rounding, seed, saturate).contiguous()
+    return _cast_launch(x.contiguous(), fmt, rounding, seed, saturate, out_codes, backend)
+
+
+def _cast_to_fp_bits_impl(x: torch.Tensor, fmt: str, rounding: str, seed: torch.Tensor | None,
+                          saturate: bool) -> torch.Tensor:
+    return _cast_impl(x, fmt, rounding, seed, saturate, out_codes=True)
+
+
+def _cast_to_fp_impl(x: torch.Tensor, fmt: str, rounding: str, seed: torch.Tensor | None,
+                     saturate: bool) -> torch.Tensor:
+    return _cast_impl(x, fmt, rounding, seed, saturate, out_codes=False)
+
+
+def _decode_fp_bits_impl(codes: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    backend = select(codes)
+    if backend == "reference":
+        return decode_fp_bits_reference(codes, fmt, dtype).contiguous()
+    return _decode_launch(codes.contiguous(), get_format(fmt), dtype, backend)
+
+
+cast_to_fp_bits_op = register_op(
+    "cast_to_fp_bits", _cast_to_fp_bits_impl,
+    lambda x, fmt, rounding, seed, saturate: x.new_empty(x.shape, dtype=torch.uint8))
+cast_to_fp_op = register_op(
+    "cast_to_fp", _cast_to_fp_impl, lambda x, fmt, rounding, seed, saturate: x.new_empty(x.shape))
+decode_fp_bits_op = register_op(
+    "decode_fp_bits", _decode_fp_bits_impl, lambda codes, fmt, dtype: codes.new_empty(codes.shape, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def cast_to_fp_bits(x: torch.Tensor, fmt: str | FloatFormat, rounding: str = "nearest", seed: int | None = None,
-                    saturate: bool = True) -> torch.Tensor:
+def _op_seed(x: torch.Tensor, rounding: str, seed: int | torch.Tensor | None) -> torch.Tensor | None:
+    """The op's seed argument: an int64 tensor on x's device for stochastic rounding, else None."""
+    return seed_tensor(seed, x.device) if rounding == "stochastic" else None
+
+
+def cast_to_fp_bits(x: torch.Tensor, fmt: str | FloatFormat, rounding: str = "nearest",
+                    seed: int | torch.Tensor | None = None, saturate: bool = True) -> torch.Tensor:
     """Round ``x`` to ``fmt`` and return the codes.
 
     Args: ``x`` [...] float32/bfloat16/float16; ``fmt`` "e4m3" | "e5m2" | "e2m1" or a FloatFormat;
-    ``rounding`` "nearest" | "stochastic"; ``seed`` for stochastic rounding (ignored for nearest);
+    ``rounding`` "nearest" | "stochastic"; ``seed`` for stochastic rounding (ignored for nearest): an
+    int in [0, 2**64), a one-element integer tensor, or None (drawn from torch's generator);
     ``saturate`` clamp overflow to +-max normal (see the module docstring for the other choice).
     Returns: uint8 [...], same shape; E2M1 codes sit in the low 4 bits (sign = bit 3), unpacked.
 
@@ -440,14 +369,12 @@ def cast_to_fp_bits(x: torch.Tensor, fmt: str | FloatFormat, rounding: str = "ne
     _check_float_input(x)
     fmt = _check_element_format(fmt)
     _check_rounding(rounding, saturate, fmt)
-    backend = select(x)
-    if backend == "reference":
-        return cast_to_fp_bits_reference(x, fmt, rounding, seed, saturate)
-    return _cast_launch(x.contiguous(), fmt, rounding, seed, saturate, True, backend)
+    seed = _op_seed(x, rounding, seed)
+    return cast_to_fp_bits_op(x.detach().contiguous(), _op_format(fmt), rounding, seed, saturate)
 
 
-def cast_to_fp(x: torch.Tensor, fmt: str | FloatFormat, rounding: str = "nearest", seed: int | None = None,
-               saturate: bool = True) -> torch.Tensor:
+def cast_to_fp(x: torch.Tensor, fmt: str | FloatFormat, rounding: str = "nearest",
+               seed: int | torch.Tensor | None = None, saturate: bool = True) -> torch.Tensor:
     """Round ``x`` to the values of ``fmt``, returned in ``x``'s dtype (fake quantisation).
 
     Args as ``cast_to_fp_bits``. Returns: [...] of ``x.dtype``, every value exactly representable in
@@ -459,10 +386,8 @@ def cast_to_fp(x: torch.Tensor, fmt: str | FloatFormat, rounding: str = "nearest
     _check_float_input(x)
     fmt = _check_element_format(fmt)
     _check_rounding(rounding, saturate, fmt)
-    backend = select(x)
-    if backend == "reference":
-        return cast_to_fp_reference(x, fmt, rounding, seed, saturate)
-    return _cast_launch(x.contiguous(), fmt, rounding, seed, saturate, False, backend)
+    seed = _op_seed(x, rounding, seed)
+    return cast_to_fp_op(x.detach().contiguous(), _op_format(fmt), rounding, seed, saturate)
 
 
 def decode_fp_bits(codes: torch.Tensor, fmt: str | FloatFormat, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -481,7 +406,4 @@ def decode_fp_bits(codes: torch.Tensor, fmt: str | FloatFormat, dtype: torch.dty
         raise TypeError(f"codes have dtype {codes.dtype}; expected torch.uint8")
     fmt = get_format(fmt)
     _check_output_dtype(dtype)
-    backend = select(codes)
-    if backend == "reference":
-        return decode_fp_bits_reference(codes, fmt, dtype)
-    return _decode_launch(codes.contiguous(), fmt, dtype, backend)
+    return decode_fp_bits_op(codes.contiguous(), _op_format(fmt), dtype)

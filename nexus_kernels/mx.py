@@ -17,24 +17,23 @@ last dim. Each block gets one shared E8M0 scale and its elements are cast to E4M
 - Non-contiguous inputs are copied to a contiguous layout first.
 
 Stochastic rounding uses the random stream of ``nexus_kernels.cast`` indexed by the flat element
-index of ``x``, so the Triton kernel and the reference return the same bits for the same seed.
+index of ``x``, so the Triton kernel and the reference return the same bits for the same seed
+(an int, a one-element integer tensor, or None: see ``nexus_kernels.cast``).
 
-The Triton kernel does one pass per block: load, integer amax of |bits|, scale, cast, pack, store.
+The Triton kernel (``_mx_kernels``, imported on first launch) does one pass per block: load,
+integer amax of |bits|, scale, cast, pack, store. ``to_mx`` and ``from_mx`` call the custom ops
+``torch.ops.nexus.to_mx`` / ``from_mx``, which pick the kernel or the reference per call; neither
+is differentiable (outputs never require grad).
 """
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from nexus_kernels._backend import select
+from nexus_kernels._backend import register_op, select
 from nexus_kernels.cast import (
     _check_float_input,
     _check_output_dtype,
-    _decode_code_tl,
-    _random_bits_tl,
-    _round_to_code_tl,
-    _store_float_tl,
+    _op_format,
     decode_constexprs,
     decode_fp_bits_reference,
     floor_log2,
@@ -42,6 +41,7 @@ from nexus_kernels.cast import (
     round_constexprs,
     round_to_codes_reference,
     seed_key,
+    seed_tensor,
 )
 from nexus_kernels.formats import E2M1, E8M0, FloatFormat, get_format
 
@@ -82,7 +82,8 @@ def _unpack_nibbles(packed: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def to_mx_reference(x: torch.Tensor, elem: str | FloatFormat = "e4m3", block_size: int = 32,
-                    rounding: str = "nearest", seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    rounding: str = "nearest", seed: int | torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for ``to_mx`` (same arguments, same result), in float64 on exact values."""
     fmt = get_format(elem)
     k = x.shape[-1]
@@ -98,10 +99,10 @@ def to_mx_reference(x: torch.Tensor, elem: str | FloatFormat = "e4m3", block_siz
     scales = torch.where(finite, scale_exp + 127, torch.full_like(scale_exp, E8M0.nan_code)).to(torch.uint8)
     rand = None
     if rounding == "stochastic":
-        col = torch.arange(nb * block_size, dtype=torch.int64)
-        row = torch.arange(x32.numel() // k if k else 0, dtype=torch.int64)
+        col = torch.arange(nb * block_size, dtype=torch.int64, device=x.device)
+        row = torch.arange(x32.numel() // k if k else 0, dtype=torch.int64, device=x.device)
         index = (row[:, None] * k + col[None, :]).reshape(*x.shape[:-1], nb, block_size)
-        rand = random_bits_reference(seed_key(seed), index)
+        rand = random_bits_reference(seed_key(seed_tensor(seed, x.device)), index)
     codes = round_to_codes_reference(blocks, fmt, scale_exp=scale_exp[..., None], rounding=rounding, rand=rand,
                                      saturate=True)
     codes = codes.reshape(*x.shape[:-1], nb * block_size)[..., :k]
@@ -125,111 +126,16 @@ def from_mx_reference(elements: torch.Tensor, scales: torch.Tensor, elem: str | 
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton: one pass per tile of BLOCKS MX blocks
+# Launchers: the Triton kernels live in _mx_kernels, imported on the first launch
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _mx_scale_tl(amax_bits, EMAX: tl.constexpr):
-    """(scale code, scale exponent) from the float32 bits of a block's amax (integer max of |bits|)."""
-    e32 = amax_bits >> 23
-    code = tl.minimum(tl.maximum(e32 - EMAX, 0), 254)
-    return tl.where(amax_bits >= 0x7F800000, 255, code), code - 127
-
-
-@triton.jit(do_not_specialize=["key"])
-def _to_mx_kernel(x_ptr, elem_ptr, scale_ptr, n_blocks, K, NB, key, MAN_BITS: tl.constexpr, EMIN: tl.constexpr,
-                  EMAX: tl.constexpr, MAX_CODE: tl.constexpr, MAX_SIG: tl.constexpr, OVERFLOW_CODE: tl.constexpr,
-                  NAN_CODE: tl.constexpr, SIGN_SHIFT: tl.constexpr, SR_RES: tl.constexpr,
-                  STOCHASTIC: tl.constexpr, PACKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
-    blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
-    blk_ok = blk < n_blocks
-    row = blk // NB
-    j = blk % NB
-    if PACKED:
-        HALF: tl.constexpr = BLOCK_SIZE // 2
-        i = tl.arange(0, HALF)
-        col = j[:, None] * BLOCK_SIZE + 2 * i[None, :]
-        idx = row[:, None] * K + col
-        x_even = tl.load(x_ptr + idx, mask=blk_ok[:, None] & (col < K), other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + idx + 1, mask=blk_ok[:, None] & (col + 1 < K), other=0.0).to(tl.float32)
-        b_even = x_even.to(tl.int32, bitcast=True)
-        b_odd = x_odd.to(tl.int32, bitcast=True)
-        amax = tl.maximum(tl.max(b_even & 0x7FFFFFFF, axis=1), tl.max(b_odd & 0x7FFFFFFF, axis=1))
-        scale_code, scale_exp = _mx_scale_tl(amax, EMAX)
-        if STOCHASTIC:
-            r_even = _random_bits_tl(key, idx)
-            r_odd = _random_bits_tl(key, idx + 1)
-        else:
-            r_even = 0
-            r_odd = 0
-        c_even = _round_to_code_tl(b_even, scale_exp[:, None], r_even, MAN_BITS, EMIN, EMAX, MAX_CODE, MAX_SIG,
-                                   OVERFLOW_CODE, NAN_CODE, SIGN_SHIFT, STOCHASTIC, SR_RES)
-        c_odd = _round_to_code_tl(b_odd, scale_exp[:, None], r_odd, MAN_BITS, EMIN, EMAX, MAX_CODE, MAX_SIG,
-                                  OVERFLOW_CODE, NAN_CODE, SIGN_SHIFT, STOCHASTIC, SR_RES)
-        c_odd = tl.where(col + 1 < K, c_odd, 0)  # a padded odd slot packs as code 0, like the reference
-        packed = (c_even & 0xF) | ((c_odd & 0xF) << 4)
-        K_HALF = (K + 1) // 2
-        pcol = j[:, None] * HALF + i[None, :]
-        tl.store(elem_ptr + row[:, None] * K_HALF + pcol, packed.to(tl.uint8), mask=blk_ok[:, None] & (pcol < K_HALF))
-    else:
-        i = tl.arange(0, BLOCK_SIZE)
-        col = j[:, None] * BLOCK_SIZE + i[None, :]
-        idx = row[:, None] * K + col
-        mask = blk_ok[:, None] & (col < K)
-        bits = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        amax = tl.max(bits & 0x7FFFFFFF, axis=1)
-        scale_code, scale_exp = _mx_scale_tl(amax, EMAX)
-        if STOCHASTIC:
-            rand = _random_bits_tl(key, idx)
-        else:
-            rand = 0
-        code = _round_to_code_tl(bits, scale_exp[:, None], rand, MAN_BITS, EMIN, EMAX, MAX_CODE, MAX_SIG,
-                                 OVERFLOW_CODE, NAN_CODE, SIGN_SHIFT, STOCHASTIC, SR_RES)
-        tl.store(elem_ptr + idx, code.to(tl.uint8), mask=mask)
-    tl.store(scale_ptr + blk, scale_code.to(tl.uint8), mask=blk_ok)
-
-
-@triton.jit
-def _from_mx_kernel(elem_ptr, scale_ptr, out_ptr, n_blocks, K, NB, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr,
-                    BIAS: tl.constexpr, SIGNED: tl.constexpr, HAS_INF: tl.constexpr, NAN_CODE: tl.constexpr,
-                    PACKED: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
-    blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
-    blk_ok = blk < n_blocks
-    row = blk // NB
-    j = blk % NB
-    s = tl.load(scale_ptr + blk, mask=blk_ok, other=127).to(tl.int32)
-    # E8M0 -> float32 bits: 2**(s-127); code 0 is the subnormal 2**-127; 0xFF is NaN.
-    s_bits = tl.where(s == 0, 0x00400000, s << 23)
-    scale = tl.where(s == 255, 0x7FC00000, s_bits).to(tl.float32, bitcast=True)
-    if PACKED:
-        HALF: tl.constexpr = BLOCK_SIZE // 2
-        i = tl.arange(0, HALF)
-        K_HALF = (K + 1) // 2
-        pcol = j[:, None] * HALF + i[None, :]
-        byte = tl.load(elem_ptr + row[:, None] * K_HALF + pcol, mask=blk_ok[:, None] & (pcol < K_HALF),
-                       other=0).to(tl.int32)
-        v_even = _decode_code_tl(byte & 0xF, EXP_BITS, MAN_BITS, BIAS, SIGNED, HAS_INF, NAN_CODE) * scale[:, None]
-        v_odd = _decode_code_tl(byte >> 4, EXP_BITS, MAN_BITS, BIAS, SIGNED, HAS_INF, NAN_CODE) * scale[:, None]
-        col = 2 * pcol
-        idx = row[:, None] * K + col
-        _store_float_tl(out_ptr + idx, v_even, blk_ok[:, None] & (col < K), OUT_BF16)
-        _store_float_tl(out_ptr + idx + 1, v_odd, blk_ok[:, None] & (col + 1 < K), OUT_BF16)
-    else:
-        i = tl.arange(0, BLOCK_SIZE)
-        col = j[:, None] * BLOCK_SIZE + i[None, :]
-        idx = row[:, None] * K + col
-        mask = blk_ok[:, None] & (col < K)
-        code = tl.load(elem_ptr + idx, mask=mask, other=0).to(tl.int32)
-        value = _decode_code_tl(code, EXP_BITS, MAN_BITS, BIAS, SIGNED, HAS_INF, NAN_CODE) * scale[:, None]
-        _store_float_tl(out_ptr + idx, value, mask, OUT_BF16)
-
-
 def _blocks_per_program(backend: str, block_size: int) -> int:
     # The interpreter pays per program: ~16k elements each; on a GPU ~2k elements per program.
     return (16384 if backend == "interpret" else 2048) // block_size
 
 
-def _to_mx_launch(x: torch.Tensor, fmt: FloatFormat, block_size: int, rounding: str, seed: int | None,
+def _to_mx_launch(x: torch.Tensor, fmt: FloatFormat, block_size: int, rounding: str, seed: torch.Tensor | None,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel path of ``to_mx``: ``x`` contiguous; ``seed`` 0-d int64 on x's device (stochastic only)."""
     k = x.shape[-1]
     nb = _num_blocks(k, block_size)
     lead = x.shape[:-1]
@@ -237,14 +143,16 @@ def _to_mx_launch(x: torch.Tensor, fmt: FloatFormat, block_size: int, rounding: 
     elements = torch.empty(*lead, (k + 1) // 2 if packed else k, dtype=torch.uint8, device=x.device)
     scales = torch.empty(*lead, nb, dtype=torch.uint8, device=x.device)
     n_blocks = scales.numel()
-    stochastic = rounding == "stochastic"
-    key = seed_key(seed) if stochastic else 0
     if n_blocks == 0:
         return elements, scales
+    from nexus_kernels import _mx_kernels
+
+    stochastic = rounding == "stochastic"
     blocks = _blocks_per_program(backend, block_size)
-    _to_mx_kernel[(triton.cdiv(n_blocks, blocks),)](
-        x, elements, scales, n_blocks, k, nb, key, **round_constexprs(fmt, saturate=True), STOCHASTIC=stochastic,
-        PACKED=packed, BLOCK_SIZE=block_size, BLOCKS=blocks, num_warps=4)
+    # Without stochastic rounding the seed is never read: x stands in for its pointer.
+    _mx_kernels._to_mx_kernel[(-(-n_blocks // blocks),)](
+        x, elements, scales, n_blocks, k, nb, seed if stochastic else x, **round_constexprs(fmt, saturate=True),
+        STOCHASTIC=stochastic, PACKED=packed, BLOCK_SIZE=block_size, BLOCKS=blocks, num_warps=4)
     return elements, scales
 
 
@@ -254,11 +162,50 @@ def _from_mx_launch(elements: torch.Tensor, scales: torch.Tensor, fmt: FloatForm
     n_blocks = scales.numel()
     if n_blocks == 0 or k == 0:
         return out
+    from nexus_kernels import _mx_kernels
+
     blocks = _blocks_per_program(backend, block_size)
-    _from_mx_kernel[(triton.cdiv(n_blocks, blocks),)](
+    _mx_kernels._from_mx_kernel[(-(-n_blocks // blocks),)](
         elements, scales, out, n_blocks, k, scales.shape[-1], **decode_constexprs(fmt), PACKED=fmt is E2M1,
         OUT_BF16=dtype == torch.bfloat16, BLOCK_SIZE=block_size, BLOCKS=blocks, num_warps=4)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: the path is chosen inside, per call; fake implementations give shapes and dtypes
+# ----------------------------------------------------------------------------------------------
+def _to_mx_impl(x: torch.Tensor, elem: str, block_size: int, rounding: str,
+              seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    fmt = get_format(elem)
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("stochastic rounding needs a seed tensor (to_mx draws one)")
+    backend = select(x)
+    if backend == "reference":
+        elements, scales = to_mx_reference(x, fmt, block_size, rounding, seed)
+        return elements.contiguous(), scales.contiguous()
+    return _to_mx_launch(x.contiguous(), fmt, block_size, rounding, seed, backend)
+
+
+def _to_mx_fake(x, elem, block_size, rounding, seed):
+    k = x.shape[-1]
+    width = (k + 1) // 2 if elem == "e2m1" else k
+    return (x.new_empty(*x.shape[:-1], width, dtype=torch.uint8),
+            x.new_empty(*x.shape[:-1], _num_blocks(k, block_size), dtype=torch.uint8))
+
+
+def _from_mx_impl(elements: torch.Tensor, scales: torch.Tensor, elem: str, block_size: int, dtype: torch.dtype,
+                size: int) -> torch.Tensor:
+    fmt = get_format(elem)
+    backend = select(elements, scales)
+    if backend == "reference":
+        return from_mx_reference(elements, scales, fmt, block_size, dtype, size).contiguous()
+    return _from_mx_launch(elements.contiguous(), scales.contiguous(), fmt, block_size, dtype, size, backend)
+
+
+to_mx_op = register_op("to_mx", _to_mx_impl, _to_mx_fake)
+from_mx_op = register_op(
+    "from_mx", _from_mx_impl,
+    lambda elements, scales, elem, block_size, dtype, size: scales.new_empty(*scales.shape[:-1], size, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,12 +224,13 @@ def _resolve_size(elements: torch.Tensor, fmt: FloatFormat, size: int | None) ->
 
 
 def to_mx(x: torch.Tensor, elem: str | FloatFormat = "e4m3", block_size: int = 32, rounding: str = "nearest",
-          seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          seed: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise ``x`` to MX: shared E8M0 scale per ``block_size`` elements of the last dim.
 
     Args: ``x`` [..., K] float32/bfloat16/float16 (any leading shape, any K); ``elem`` "e4m3" |
     "e5m2" | "e2m1"; ``block_size`` 32 | 64; ``rounding`` "nearest" | "stochastic"; ``seed`` for
-    stochastic rounding (None: drawn from torch's generator).
+    stochastic rounding: an int in [0, 2**64), a one-element integer tensor, or None (drawn from
+    torch's generator).
     Returns: ``(elements, scales)``: uint8 [..., K] codes ([..., ceil(K/2)] for E2M1, two per byte,
     even index in the low nibble) and uint8 E8M0 codes [..., ceil(K / block_size)].
 
@@ -295,11 +243,8 @@ def to_mx(x: torch.Tensor, elem: str | FloatFormat = "e4m3", block_size: int = 3
         raise ValueError(f"rounding={rounding!r}; expected one of nearest, stochastic")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (blocks run along the last dim)")
-    x = x.contiguous()
-    backend = select(x)
-    if backend == "reference":
-        return to_mx_reference(x, fmt, block_size, rounding, seed)
-    return _to_mx_launch(x, fmt, block_size, rounding, seed, backend)
+    seed = seed_tensor(seed, x.device) if rounding == "stochastic" else None
+    return to_mx_op(x.detach().contiguous(), _op_format(fmt), block_size, rounding, seed)
 
 
 def from_mx(elements: torch.Tensor, scales: torch.Tensor, elem: str | FloatFormat = "e4m3", block_size: int = 32,
@@ -329,8 +274,4 @@ def from_mx(elements: torch.Tensor, scales: torch.Tensor, elem: str | FloatForma
     if scales.shape[-1] != _num_blocks(k, block_size):
         raise ValueError(f"scales.shape[-1]={scales.shape[-1]} but K={k} with block_size={block_size} needs "
                          f"{_num_blocks(k, block_size)} scales")
-    elements, scales = elements.contiguous(), scales.contiguous()
-    backend = select(elements, scales)
-    if backend == "reference":
-        return from_mx_reference(elements, scales, fmt, block_size, dtype, k)
-    return _from_mx_launch(elements, scales, fmt, block_size, dtype, k, backend)
+    return from_mx_op(elements.contiguous(), scales.contiguous(), _op_format(fmt), block_size, dtype, k)

@@ -15,6 +15,10 @@ The Triton path runs three kernels per iteration: a symmetric X X^T that compute
 blocks on or below the diagonal and mirrors them (half the FLOPs of a matmul), the same kernel
 for B = b A + c A A^T (A is symmetric, so A^2 = A A^T) with the ``b A`` term fused, and a matmul
 with the ``a X + B X`` epilogue fused. A 3D input (a stack of matrices) is one launch per kernel.
+The kernels live in ``_newton_schulz_kernels`` (imported on the first launch: Triton is optional).
+
+``orthogonalize`` calls the custom op ``torch.ops.nexus.orthogonalize``, which runs the reference or
+the kernels per call; it is not differentiable (the output never requires grad).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from typing import Sequence, Union
 
 import torch
 
-from nexus_kernels._backend import select
+from nexus_kernels._backend import register_op, select
 
 __all__ = [
     "DEFAULT_COEFFS",
@@ -173,134 +177,13 @@ def orthogonalize(G: torch.Tensor, steps: int | None = None, coeffs: Coeffs = DE
     """
     _check(G, eps)
     schedule = _schedule(steps, coeffs)
-    path = select(G)
-    if path == "reference" or G.numel() == 0:
-        return orthogonalize_reference(G, coeffs=schedule, eps=eps)
     flat = [v for triple in schedule for v in triple]
-    return _orthogonalize_op(G, flat, float(eps))
+    return _orthogonalize_op(G.detach(), flat, float(eps))
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels: defined only where Triton imports; the reference path never needs it
+# Launchers: the Triton kernels live in _newton_schulz_kernels, imported on the first launch
 # ----------------------------------------------------------------------------------------------
-
-
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: the reference path still works
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def _syrk_kernel(x_ptr, c_ptr, out_ptr, M, K,
-                     sxb, sxm, sxk, scb, scm, scn, sob, som, son,
-                     alpha, beta,
-                     HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     UPCAST: tl.constexpr, ACC: tl.constexpr):
-        """out = alpha X X^T (+ beta C): block (i, j) with j <= i computed once, stored at (i, j) and (j, i)."""
-        pid = tl.program_id(0)
-        batch = tl.program_id(1).to(tl.int64)
-        # linear index pid = i (i + 1) / 2 + j over the lower triangle; sqrt guess, then fix rounding
-        i = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-        i = tl.where(i * (i + 1) // 2 > pid, i - 1, i)
-        i = tl.where((i + 1) * (i + 2) // 2 <= pid, i + 1, i)
-        j = pid - i * (i + 1) // 2
-        x_ptr += batch * sxb
-        out_ptr += batch * sob
-        # int64 offsets: no overflow on big stacks (and no overflow checks in the interpreter)
-        rm = (i * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rn = (j * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rk = tl.arange(0, BLOCK_K).to(tl.int64)
-        a_ptrs = x_ptr + rm[:, None] * sxm + rk[None, :] * sxk
-        b_ptrs = x_ptr + rn[:, None] * sxm + rk[None, :] * sxk
-        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=ACC)
-        for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):  # not tl.cdiv: a nested jit call costs the interpreter
-            kmask = rk[None, :] < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & kmask, other=0.0)
-            b = tl.load(b_ptrs, mask=(rn[:, None] < M) & kmask, other=0.0)
-            if UPCAST:  # the interpreter's low-precision tl.dot is wrong: multiply in fp32 there
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if a.dtype == tl.float32 or a.dtype == tl.float64:  # full precision, not TF32, for fp32 inputs
-                acc = tl.dot(a, tl.trans(b), acc, out_dtype=ACC, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tl.trans(b), acc, out_dtype=ACC)
-            a_ptrs += BLOCK_K * sxk
-            b_ptrs += BLOCK_K * sxk
-        acc = acc * alpha
-        if HAS_C:
-            c_ptr += batch * scb
-            cmask = (rm[:, None] < M) & (rn[None, :] < M)
-            c = tl.load(c_ptr + rm[:, None] * scm + rn[None, :] * scn, mask=cmask, other=0.0)
-            acc += beta * c.to(ACC)
-        out = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, out,
-                 mask=(rm[:, None] < M) & (rn[None, :] < M))
-        if i != j:
-            tl.store(out_ptr + rn[:, None] * som + rm[None, :] * son, tl.trans(out),
-                     mask=(rn[:, None] < M) & (rm[None, :] < M))
-
-    @triton.jit
-    def _ns_update_kernel(b_ptr, x_ptr, out_ptr, M, K,
-                          sbb, sbm, sbn, sxb, sxm, sxk, sob, som, sok,
-                          a_coef,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
-        """out = a X + B X for B (M, M) and X (M, K); out must not alias X."""
-        pid = tl.program_id(0)
-        batch = tl.program_id(1).to(tl.int64)
-        num_m = (M + BLOCK_M - 1) // BLOCK_M
-        num_n = (K + BLOCK_N - 1) // BLOCK_N
-        # grouped order: GROUP_M row-blocks share column tiles of X while they are in L2
-        width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % group_size
-        pid_n = (pid % width) // group_size
-        b_ptr += batch * sbb
-        x_ptr += batch * sxb
-        out_ptr += batch * sob
-        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        rk = tl.arange(0, BLOCK_K).to(tl.int64)
-        b_ptrs = b_ptr + rm[:, None] * sbm + rk[None, :] * sbn
-        x_ptrs = x_ptr + rk[:, None] * sxm + rn[None, :] * sxk
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        for k in range(0, (M + BLOCK_K - 1) // BLOCK_K):
-            left = M - k * BLOCK_K
-            bm = tl.load(b_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < left), other=0.0)
-            xk = tl.load(x_ptrs, mask=(rk[:, None] < left) & (rn[None, :] < K), other=0.0)
-            if UPCAST:
-                bm = bm.to(tl.float32)
-                xk = xk.to(tl.float32)
-            if bm.dtype == tl.float32 or bm.dtype == tl.float64:
-                acc = tl.dot(bm, xk, acc, out_dtype=ACC, input_precision="ieee")
-            else:
-                acc = tl.dot(bm, xk, acc, out_dtype=ACC)
-            b_ptrs += BLOCK_K * sbn
-            x_ptrs += BLOCK_K * sxm
-        mask = (rm[:, None] < M) & (rn[None, :] < K)
-        x = tl.load(x_ptr + rm[:, None] * sxm + rn[None, :] * sxk, mask=mask, other=0.0)
-        acc += a_coef * x.to(ACC)
-        tl.store(out_ptr + rm[:, None] * som + rn[None, :] * sok, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-    syrk_configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bk, w, s in [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 32, 4, 5), (128, 64, 4, 3)]
-    ]
-    update_configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4),
-                                 (64, 128, 64, 4, 4), (64, 64, 64, 4, 5)]
-    ]
-    # keys: only HAS_C changes the generated code (tensor dtypes are added to the key by Triton)
-    _syrk_tuned = triton.autotune(syrk_configs, key=["HAS_C"])(_syrk_kernel)
-    _ns_update_tuned = triton.autotune(update_configs, key=[])(_ns_update_kernel)
-
-
 # Largest interpreter block: big blocks mean few programs (each costs the interpreter ~0.1 s here);
 # tests lower it to run the multi-tile and mirror-store paths on small matrices.
 _INTERPRET_MAX_BLOCK = 128
@@ -313,37 +196,42 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 def _syrk(X: torch.Tensor, out: torch.Tensor, alpha: float, C: torch.Tensor | None, beta: float,
           interpret: bool) -> None:
     """out[b] = alpha X[b] X[b]^T + beta C[b] for X (batch, M, K)."""
+    from nexus_kernels import _newton_schulz_kernels as kernels
+
     batch, M, K = X.shape
-    acc = tl.float64 if X.dtype == torch.float64 else tl.float32
+    acc = kernels.acc_type(X.dtype)
     c = C if C is not None else out
     args = (X, c, out, M, K, *X.stride(), *c.stride(), *out.stride(), alpha, beta)
     if interpret:
         block_m = _pow2(M, 16, _INTERPRET_MAX_BLOCK)
         tiles = -(-M // block_m)
         grid = (tiles * (tiles + 1) // 2, batch)
-        _syrk_kernel[grid](*args, HAS_C=C is not None, BLOCK_M=block_m, BLOCK_K=_pow2(K, 16, 2 * _INTERPRET_MAX_BLOCK),
-                        UPCAST=X.dtype not in (torch.float32, torch.float64), ACC=acc)
+        kernels._syrk_kernel[grid](*args, HAS_C=C is not None, BLOCK_M=block_m,
+                                   BLOCK_K=_pow2(K, 16, 2 * _INTERPRET_MAX_BLOCK),
+                                   UPCAST=X.dtype not in (torch.float32, torch.float64), ACC=acc)
     else:
         def grid(meta):
             tiles = -(-M // meta["BLOCK_M"])
             return (tiles * (tiles + 1) // 2, batch)
-        _syrk_tuned[grid](*args, HAS_C=C is not None, UPCAST=False, ACC=acc)
+        kernels._syrk_tuned[grid](*args, HAS_C=C is not None, UPCAST=False, ACC=acc)
 
 
 def _update(Bm: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, interpret: bool) -> None:
     """out[b] = a X[b] + Bm[b] X[b]."""
+    from nexus_kernels import _newton_schulz_kernels as kernels
+
     batch, M, K = X.shape
-    acc = tl.float64 if X.dtype == torch.float64 else tl.float32
+    acc = kernels.acc_type(X.dtype)
     args = (Bm, X, out, M, K, *Bm.stride(), *X.stride(), *out.stride(), a)
     if interpret:
         bm, bn = _pow2(M, 16, _INTERPRET_MAX_BLOCK), _pow2(K, 16, 2 * _INTERPRET_MAX_BLOCK)
         grid = (-(-M // bm) * -(-K // bn), batch)
-        _ns_update_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_pow2(M, 16, 2 * _INTERPRET_MAX_BLOCK), GROUP_M=8,
-                          UPCAST=X.dtype not in (torch.float32, torch.float64), ACC=acc)
+        kernels._ns_update_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_pow2(M, 16, 2 * _INTERPRET_MAX_BLOCK),
+                                        GROUP_M=8, UPCAST=X.dtype not in (torch.float32, torch.float64), ACC=acc)
     else:
         def grid(meta):
             return (-(-M // meta["BLOCK_M"]) * -(-K // meta["BLOCK_N"]), batch)
-        _ns_update_tuned[grid](*args, UPCAST=False, ACC=acc)
+        kernels._ns_update_tuned[grid](*args, UPCAST=False, ACC=acc)
 
 
 def _orthogonalize_kernels(G: torch.Tensor, flat_coeffs: list[float], eps: float) -> torch.Tensor:
@@ -378,18 +266,14 @@ def _orthogonalize_kernels(G: torch.Tensor, flat_coeffs: list[float], eps: float
     return X.to(G.dtype).contiguous()
 
 
-def _register_op():
-    """Expose the kernel path as a torch.library custom op so torch.compile traces through it."""
-    try:
-        op = torch.library.custom_op("nexus_kernels::orthogonalize", mutates_args=())(_orthogonalize_kernels)
-    except (AttributeError, RuntimeError):  # torch without custom_op, or the name already registered
-        return _orthogonalize_kernels
-
-    @op.register_fake
-    def _(G, flat_coeffs, eps):
-        return torch.empty(G.shape, dtype=G.dtype, device=G.device)  # the kernel's output is contiguous
-
-    return op
+def _orthogonalize_impl(G: torch.Tensor, flat_coeffs: list[float], eps: float) -> torch.Tensor:
+    """The op: the reference or the kernels, as ``select`` says; ``flat_coeffs`` is a1, b1, c1, a2, ..."""
+    if select(G) == "reference" or G.numel() == 0:
+        schedule = [tuple(flat_coeffs[t:t + 3]) for t in range(0, len(flat_coeffs), 3)]
+        return orthogonalize_reference(G, coeffs=schedule, eps=eps).contiguous()
+    return _orthogonalize_kernels(G, flat_coeffs, eps)
 
 
-_orthogonalize_op = _register_op()
+# The output is a new contiguous tensor of G's shape and dtype on every path.
+_orthogonalize_op = register_op("orthogonalize", _orthogonalize_impl,
+                                lambda G, flat_coeffs, eps: G.new_empty(G.shape))

@@ -11,12 +11,17 @@ direction is mapped back by QL D QR^T. ``update_preconditioners`` updates both f
 launch, computing only the blocks on or below each diagonal and mirroring them; ``project`` and
 ``project_back`` are two strided matmuls (transposes cost nothing). Either side may be None (the
 identity), for a dimension too large to precondition.
+
+The kernels live in ``_soap_kernels`` (imported on the first launch: Triton is optional). The public
+functions call the custom ops ``torch.ops.nexus.soap_update_preconditioners`` (mutates L and R),
+``soap_project`` and ``soap_project_back``, which run the reference or the kernels per call; they
+are not differentiable (outputs never require grad).
 """
 from __future__ import annotations
 
 import torch
 
-from nexus_kernels._backend import select
+from nexus_kernels._backend import register_op, select
 
 __all__ = [
     "project",
@@ -93,17 +98,13 @@ def update_preconditioners(L: torch.Tensor | None, R: torch.Tensor | None, G: to
         update_preconditioners(L, R, G, 0.95)      # L ~ 0.05 G G^T, R ~ 0.05 G^T G
     """
     _check_update(L, R, G, beta)
-    tensors = [t for t in (L, R, G) if t is not None]
     if (L is None and R is None) or G.numel() == 0:
         if G.numel() == 0:  # G G^T of an empty reduction is zero
             for S in (L, R):
                 if S is not None:
                     S.mul_(beta)
         return
-    if select(*tensors) == "reference":
-        update_preconditioners_reference(L, R, G, beta)
-        return
-    _update_launch(L, R, G, float(beta))
+    _update_op(L, R, G.detach(), float(beta))
 
 
 def _check_project(G, QL, QR) -> None:
@@ -180,9 +181,16 @@ def project_back(G: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | No
 def _project(G, QL, QR, back: bool) -> torch.Tensor:
     if QL is None and QR is None:
         return G.clone()
+    QL = QL.detach() if QL is not None else None
+    QR = QR.detach() if QR is not None else None
+    return (_project_back_op if back else _project_op)(G.detach(), QL, QR)
+
+
+def _project_impl(G: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None, back: bool) -> torch.Tensor:
+    """The ops' body: the reference or two strided kernel matmuls, as ``select`` says."""
     tensors = [t for t in (G, QL, QR) if t is not None]
     if select(*tensors) == "reference" or G.numel() == 0:
-        return (project_back_reference if back else project_reference)(G, QL, QR)
+        return (project_back_reference if back else project_reference)(G, QL, QR).contiguous()
     acc = _acc_dtype(G, QL, QR)
     out = G
     if QL is not None:  # QL^T G or QL G: the transpose is a stride swap
@@ -193,96 +201,20 @@ def _project(G, QL, QR, back: bool) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels: defined only where Triton imports; the reference path never needs it
+# Launchers: the Triton kernels live in _soap_kernels, imported on the first launch
 # ----------------------------------------------------------------------------------------------
 
 # Interpreter blocks: large, so each call is a handful of programs; tests lower it to cover tiling.
 _INTERPRET_MAX_BLOCK = 128
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: the reference path still works
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def _gram_ema_block(z_ptr, s_row, s_red, rows, red, out_ptr, so_m, so_n, pid, beta,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
-        """Block (i, j), j <= i, of out <- beta out + (1 - beta) Z Z^T, stored at (i, j) and (j, i)."""
-        i = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-        i = tl.where(i * (i + 1) // 2 > pid, i - 1, i)
-        i = tl.where((i + 1) * (i + 2) // 2 <= pid, i + 1, i)
-        j = pid - i * (i + 1) // 2
-        rm = (i * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rn = (j * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rk = tl.arange(0, BLOCK_K).to(tl.int64)
-        a_ptrs = z_ptr + rm[:, None] * s_row + rk[None, :] * s_red
-        b_ptrs = z_ptr + rn[:, None] * s_row + rk[None, :] * s_red
-        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=ACC)
-        for k in range(0, (red + BLOCK_K - 1) // BLOCK_K):
-            kmask = rk[None, :] < red - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=(rm[:, None] < rows) & kmask, other=0.0).to(ACC)
-            b = tl.load(b_ptrs, mask=(rn[:, None] < rows) & kmask, other=0.0).to(ACC)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee", out_dtype=ACC)
-            a_ptrs += BLOCK_K * s_red
-            b_ptrs += BLOCK_K * s_red
-        mask = (rm[:, None] < rows) & (rn[None, :] < rows)
-        ptrs = out_ptr + rm[:, None] * so_m + rn[None, :] * so_n
-        old = tl.load(ptrs, mask=mask, other=0.0)
-        new = beta * old + (1.0 - beta) * acc
-        tl.store(ptrs, new, mask=mask)
-        if i != j:  # (j, i) is never read by another program, so the in-place mirror is safe
-            tl.store(out_ptr + rn[:, None] * so_m + rm[None, :] * so_n, tl.trans(new),
-                     mask=(rn[:, None] < rows) & (rm[None, :] < rows))
-
-    @triton.jit
-    def _precond_ema_kernel(g_ptr, l_ptr, r_ptr, m, n, sgm, sgn, slm, sln, srm, srn, n_left, beta,
-                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC_L: tl.constexpr,
-                            ACC_R: tl.constexpr):
-        """Programs [0, n_left) update L from G G^T; the rest update R from G^T G."""
-        pid = tl.program_id(0)
-        if pid < n_left:
-            _gram_ema_block(g_ptr, sgm, sgn, m, n, l_ptr, slm, sln, pid, beta, BLOCK_M, BLOCK_K, ACC_L)
-        else:
-            _gram_ema_block(g_ptr, sgn, sgm, n, m, r_ptr, srm, srn, pid - n_left, beta, BLOCK_M, BLOCK_K, ACC_R)
-
-    @triton.jit
-    def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbk, sbn, scm, scn,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       ACC: tl.constexpr):
-        """C = A B with arbitrary strides (transposed operands are free); operands upcast to ACC."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        rk = tl.arange(0, BLOCK_K).to(tl.int64)
-        a_ptrs = a_ptr + rm[:, None] * sam + rk[None, :] * sak
-        b_ptrs = b_ptr + rk[:, None] * sbk + rn[None, :] * sbn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-            left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < left), other=0.0).to(ACC)
-            b = tl.load(b_ptrs, mask=(rk[:, None] < left) & (rn[None, :] < N), other=0.0).to(ACC)
-            acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
-            a_ptrs += BLOCK_K * sak
-            b_ptrs += BLOCK_K * sbk
-        tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(c_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, (n - 1).bit_length())))
 
 
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _update_launch(L, R, G, beta: float) -> None:
+    from nexus_kernels import _soap_kernels as kernels
+
     m, n = G.shape
     interpret = G.device.type != "cuda"
     if interpret:
@@ -302,12 +234,15 @@ def _update_launch(L, R, G, beta: float) -> None:
     # an absent side gets the present one as a never-used stand-in pointer
     Lp = L if L is not None else R
     Rp = R if R is not None else L
-    _precond_ema_kernel[(n_left + n_right,)](
+    kernels._precond_ema_kernel[(n_left + n_right,)](
         G, Lp, Rp, m, n, *G.stride(), *Lp.stride(), *Rp.stride(), n_left, beta,
-        BLOCK_M=block_m, BLOCK_K=block_k, ACC_L=_tl_dtype(Lp.dtype), ACC_R=_tl_dtype(Rp.dtype), **opts)
+        BLOCK_M=block_m, BLOCK_K=block_k, ACC_L=kernels.acc_type(Lp.dtype), ACC_R=kernels.acc_type(Rp.dtype),
+        **opts)
 
 
 def _matmul(A: torch.Tensor, B: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    from nexus_kernels import _soap_kernels as kernels
+
     M, K = A.shape
     N = B.shape[1]
     C = torch.empty(M, N, device=A.device, dtype=acc)
@@ -319,6 +254,30 @@ def _matmul(A: torch.Tensor, B: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
         bm, bn, bk = 64, 64, 32
         opts = {"num_warps": 4, "num_stages": 3}
     grid = (-(-M // bm), -(-N // bn))
-    _matmul_kernel[grid](A, B, C, M, N, K, *A.stride(), *B.stride(), *C.stride(),
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=_tl_dtype(acc), **opts)
+    kernels._matmul_kernel[grid](A, B, C, M, N, K, *A.stride(), *B.stride(), *C.stride(),
+                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=kernels.acc_type(acc), **opts)
     return C
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: the path is chosen inside, per call
+# ----------------------------------------------------------------------------------------------
+def _update_impl(L: torch.Tensor | None, R: torch.Tensor | None, G: torch.Tensor, beta: float) -> None:
+    if select(*[t for t in (L, R, G) if t is not None]) == "reference":
+        update_preconditioners_reference(L, R, G, beta)
+    else:
+        _update_launch(L, R, G, beta)
+
+
+def _project_op_impl(G: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None) -> torch.Tensor:
+    return _project_impl(G, QL, QR, back=False)
+
+
+def _project_back_op_impl(G: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None) -> torch.Tensor:
+    return _project_impl(G, QL, QR, back=True)
+
+
+_update_op = register_op("soap_update_preconditioners", _update_impl, lambda L, R, G, beta: None,
+                         mutates_args=("L", "R"))
+_project_op = register_op("soap_project", _project_op_impl, lambda G, QL, QR: G.new_empty(G.shape))
+_project_back_op = register_op("soap_project_back", _project_back_op_impl, lambda G, QL, QR: G.new_empty(G.shape))

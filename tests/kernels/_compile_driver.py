@@ -9,6 +9,8 @@ Each family lists the specializations its launcher really makes (argument dtypes
 built by the launcher's own helpers, num_warps / num_stages, autotune configs); the driver compiles
 each distinct one once and prints one JSON line per specialization: label, ok, error, the asm
 kinds produced, the cubin size, the shared memory, and whether the PTX has tensor-core MMA.
+The kernels live in the private modules ``nexus_kernels._<family>_kernels``, imported here directly
+(the public modules import them only when a kernel launches).
 """
 from __future__ import annotations
 
@@ -22,11 +24,14 @@ import traceback
 
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nexus_kernels import cast, mx, newton_schulz, soap
+from nexus_kernels import _cast_kernels as cast_k
+from nexus_kernels import _mx_kernels as mx_k
+from nexus_kernels import _newton_schulz_kernels as ns_k
+from nexus_kernels import _soap_kernels as soap_k
+from nexus_kernels import cast, mx, soap
 from nexus_kernels.formats import E2M1, get_format
 
 _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
@@ -83,8 +88,11 @@ def _cast_specs():
                                       OUT_CODES=out_codes, OUT_BF16=out_dtype == torch.bfloat16, BLOCK=block)
                         label = (f"_cast_kernel x={_DTN[dtype]} fmt={name} {rounding} saturate={saturate} "
                                  f"out={'codes' if out_codes else _DTN[dtype]}")
-                        specs.append(Spec(label, cast._cast_kernel,
-                                          {"x_ptr": _ptr(dtype), "out_ptr": _ptr(out_dtype), "n": "i32", "key": "i32"},
+                        # the launcher passes the int64 seed tensor, or x as a never-read stand-in
+                        seed = "*i64" if stochastic else _ptr(dtype)
+                        specs.append(Spec(label, cast_k._cast_kernel,
+                                          {"x_ptr": _ptr(dtype), "out_ptr": _ptr(out_dtype), "n": "i32",
+                                           "seed_ptr": seed},
                                           consts, aligned=("x_ptr", "out_ptr"), num_warps=4))
     return specs
 
@@ -96,7 +104,7 @@ def _decode_specs():
         fmt = get_format(name)
         for dtype in cast.OUTPUT_DTYPES:
             consts = dict(**cast.decode_constexprs(fmt), OUT_BF16=dtype == torch.bfloat16, BLOCK=block)
-            specs.append(Spec(f"_decode_kernel fmt={name} out={_DTN[dtype]}", cast._decode_kernel,
+            specs.append(Spec(f"_decode_kernel fmt={name} out={_DTN[dtype]}", cast_k._decode_kernel,
                               {"code_ptr": "*u8", "out_ptr": _ptr(dtype), "n": "i32"}, consts,
                               aligned=("code_ptr", "out_ptr"), num_warps=4))
     return specs
@@ -116,9 +124,9 @@ def _to_mx_specs():
                                   PACKED=fmt is E2M1, BLOCK_SIZE=block_size,
                                   BLOCKS=mx._blocks_per_program("cuda", block_size))
                     types = {"x_ptr": _ptr(dtype), "elem_ptr": "*u8", "scale_ptr": "*u8", "n_blocks": "i32",
-                             "K": "i32", "NB": "i32", "key": "i32"}
+                             "K": "i32", "NB": "i32", "seed_ptr": "*i64" if rounding == "stochastic" else _ptr(dtype)}
                     specs.append(Spec(f"_to_mx_kernel x={_DTN[dtype]} elem={name} block={block_size} {rounding}",
-                                      mx._to_mx_kernel, types, consts,
+                                      mx_k._to_mx_kernel, types, consts,
                                       aligned=("x_ptr", "elem_ptr", "scale_ptr"), num_warps=4))
     return specs
 
@@ -134,7 +142,7 @@ def _from_mx_specs():
                 types = {"elem_ptr": "*u8", "scale_ptr": "*u8", "out_ptr": _ptr(dtype), "n_blocks": "i32",
                          "K": "i32", "NB": "i32"}
                 specs.append(Spec(f"_from_mx_kernel elem={name} block={block_size} out={_DTN[dtype]}",
-                                  mx._from_mx_kernel, types, consts,
+                                  mx_k._from_mx_kernel, types, consts,
                                   aligned=("elem_ptr", "scale_ptr", "out_ptr"), num_warps=4))
     return specs
 
@@ -155,7 +163,7 @@ def _ns_work_dtypes():
 
 
 def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return ns_k.acc_type(dtype)
 
 
 def _configs(tuned, work):
@@ -176,13 +184,13 @@ def _syrk_specs():
     specs = []
     for work in _ns_work_dtypes():
         for has_c in (False, True):  # X X^T, then A A^T + beta A
-            for cfg in _configs(newton_schulz._syrk_tuned, work):
+            for cfg in _configs(ns_k._syrk_tuned, work):
                 types = {"x_ptr": _ptr(work), "c_ptr": _ptr(work), "out_ptr": _ptr(work), "M": "i32", "K": "i32",
                          "sxb": "i32", "sxm": "i32", "scb": "i32", "scm": "i32", "sob": "i32", "som": "i32",
                          "alpha": "fp32", "beta": "fp32"}
                 consts = dict(sxk=1, scn=1, son=1, HAS_C=has_c, UPCAST=False, ACC=_acc(work), **cfg.kwargs)
                 specs.append(Spec(f"_syrk_kernel work={_DTN[work]} HAS_C={has_c} {cfg}",
-                                  newton_schulz._syrk_kernel, types, consts, aligned=("x_ptr", "c_ptr", "out_ptr"),
+                                  ns_k._syrk_kernel, types, consts, aligned=("x_ptr", "c_ptr", "out_ptr"),
                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                   expect_mma=work == torch.bfloat16))
     return specs
@@ -191,12 +199,12 @@ def _syrk_specs():
 def _ns_update_specs():
     specs = []
     for work in _ns_work_dtypes():
-        for cfg in _configs(newton_schulz._ns_update_tuned, work):
+        for cfg in _configs(ns_k._ns_update_tuned, work):
             types = {"b_ptr": _ptr(work), "x_ptr": _ptr(work), "out_ptr": _ptr(work), "M": "i32", "K": "i32",
                      "sbb": "i32", "sbm": "i32", "sxb": "i32", "sxm": "i32", "sob": "i32", "som": "i32",
                      "a_coef": "fp32"}
             consts = dict(sbn=1, sxk=1, sok=1, UPCAST=False, ACC=_acc(work), **cfg.kwargs)
-            specs.append(Spec(f"_ns_update_kernel work={_DTN[work]} {cfg}", newton_schulz._ns_update_kernel, types,
+            specs.append(Spec(f"_ns_update_kernel work={_DTN[work]} {cfg}", ns_k._ns_update_kernel, types,
                               consts, aligned=("b_ptr", "x_ptr", "out_ptr"), num_warps=cfg.num_warps,
                               num_stages=cfg.num_stages, expect_mma=work == torch.bfloat16))
     return specs
@@ -214,9 +222,9 @@ def _soap_precond_specs():
         for stat in (torch.float32, torch.float64):
             types = {"g_ptr": _ptr(g_dtype), "l_ptr": _ptr(stat), "r_ptr": _ptr(stat), "m": "i32", "n": "i32",
                      "sgm": "i32", "slm": "i32", "srm": "i32", "n_left": "i32", "beta": "fp32"}
-            consts = dict(sgn=1, sln=1, srn=1, BLOCK_M=64, BLOCK_K=32, ACC_L=soap._tl_dtype(stat),
-                          ACC_R=soap._tl_dtype(stat))
-            specs.append(Spec(f"_precond_ema_kernel G={_DTN[g_dtype]} L,R={_DTN[stat]}", soap._precond_ema_kernel,
+            consts = dict(sgn=1, sln=1, srn=1, BLOCK_M=64, BLOCK_K=32, ACC_L=soap_k.acc_type(stat),
+                          ACC_R=soap_k.acc_type(stat))
+            specs.append(Spec(f"_precond_ema_kernel G={_DTN[g_dtype]} L,R={_DTN[stat]}", soap_k._precond_ema_kernel,
                               types, consts, aligned=("g_ptr", "l_ptr", "r_ptr"), **_SOAP_CUDA))
     return specs
 
@@ -234,9 +242,9 @@ def _soap_matmul_specs():
                 types = {"a_ptr": _ptr(a_dtype), "b_ptr": _ptr(b_dtype), "c_ptr": _ptr(acc), "M": "i32", "N": "i32",
                          "K": "i32", **{s: "i32" for s in sorted(strides - {a_unit, b_unit})}}
                 consts = {a_unit: 1, b_unit: 1, "scn": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32,
-                          "ACC": soap._tl_dtype(acc)}
+                          "ACC": soap_k.acc_type(acc)}
                 specs.append(Spec(f"_matmul_kernel {what} back={back} A={_DTN[a_dtype]} B={_DTN[b_dtype]} "
-                                  f"unit strides {a_unit},{b_unit}", soap._matmul_kernel, types, consts,
+                                  f"unit strides {a_unit},{b_unit}", soap_k._matmul_kernel, types, consts,
                                   aligned=("a_ptr", "b_ptr", "c_ptr"), **_SOAP_CUDA))
     return specs
 

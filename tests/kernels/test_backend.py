@@ -25,7 +25,7 @@ def test_env_forces_reference(monkeypatch):
 def test_forcing_triton_where_it_cannot_run_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("NEXUS_BACKEND", "triton")
-    with pytest.raises(BackendError, match="'triton' was forced but cannot run here.*cpu"):
+    with pytest.raises(BackendError, match=r"'triton' was forced \(NEXUS_BACKEND=triton\) but cannot run here.*cpu"):
         select(torch.zeros(2))
 
 

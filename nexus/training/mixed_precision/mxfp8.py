@@ -41,9 +41,10 @@ def _check_config(config, flags: tuple[str, ...]) -> None:
             raise ValueError(f"{name} must be a bool, got {getattr(config, name)!r}")
 
 
-def _fresh_seed() -> int:
-    """A seed drawn from torch's default generator, so ``torch.manual_seed`` makes runs repeatable."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def _fresh_seed(device: torch.device) -> torch.Tensor:
+    """A 0-d int64 seed drawn on ``device`` from torch's generator (``torch.manual_seed`` makes runs
+    repeatable); a tensor, so neither a host sync nor a graph break under ``torch.compile``."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
 def mx_quantize_dequantize(
@@ -53,7 +54,7 @@ def mx_quantize_dequantize(
     *,
     dim: int = -1,
     rounding: str = "nearest",
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round ``x`` to the values an MX tensor (blocks along ``dim``) can hold; same shape and dtype.
 
@@ -63,7 +64,8 @@ def mx_quantize_dequantize(
     [2**emax, 2**(emax+1)), above max_normal for some blocks, and saturation there would bias the
     rounding; so stochastic rounding also multiplies each block by max_normal / 2**(emax+1)
     (3/4 for E2M1) before the cast and divides after (Tseng et al., 2025, "Training LLMs with
-    MXFP4"), a factor that hardware folds into the GEMM output scale.
+    MXFP4"), a factor that hardware folds into the GEMM output scale. seed (stochastic only): an int,
+    a one-element integer tensor (no host sync, no graph break under torch.compile) or None (drawn).
     Example: ``xq = mx_quantize_dequantize(torch.randn(4, 64), "e4m3", 32)``
              ``xs = mx_quantize_dequantize(g, "e2m1", 32, rounding="stochastic", seed=0)``
     """
@@ -136,7 +138,7 @@ class _MXLinearFunction(torch.autograd.Function):
         def grad_q(t: torch.Tensor, dim: int) -> torch.Tensor:
             if not spec.quantize_gradients:
                 return t
-            seed = _fresh_seed() if spec.gradient_rounding == "stochastic" else None
+            seed = _fresh_seed(t.device) if spec.gradient_rounding == "stochastic" else None
             return mx_quantize_dequantize(t, bwd, bs, dim=dim, rounding=spec.gradient_rounding, seed=seed)
 
         dx = dw = db = None
