@@ -137,19 +137,12 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: Sequence[
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    start = time.monotonic()
-    deadline = start + timeout
-    workdir = tempfile.mkdtemp(prefix="nexus_dist_")
-    # The store owns this loopback socket from the moment the OS picks the port: nothing to race.
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    port = listener.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, None, True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout), master_listen_fd=listener.detach())
-    ctx = mp.get_context("spawn")
     # Unpickled inside the rank, so that a failing import of fn's module shows as its traceback.
     work = pickle.dumps((fn, tuple(args)))
+    deadline = time.monotonic() + timeout
+    store, port = _loopback_store(timeout)
+    ctx = mp.get_context("spawn")
+    workdir = tempfile.mkdtemp(prefix="nexus_dist_")
     procs = []
     try:
         for rank in range(world_size):
@@ -218,6 +211,26 @@ def _run_checks(rank: int, world_size: int, checks: tuple) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # Parent side
+
+
+def _loopback_store(timeout: float):
+    """A rendezvous TCPStore served by this process on 127.0.0.1, and its port."""
+    import torch.distributed as dist
+
+    # The store owns this socket from the moment the OS picks the port: no free-port race, and
+    # it listens on loopback only (given a port alone, TCPStore listens on every interface).
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        store = dist.TCPStore("127.0.0.1", port, None, True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=timeout), master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store closes it
+    return store, port
 
 
 def _loopback_interface() -> str:
