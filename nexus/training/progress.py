@@ -8,10 +8,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class TrainingProgress:
     """A progress bar with loss, tokens/s and ETA; ``enabled=False`` prints only the metric lines."""
 
-    def __init__(self, *, total: int, start: int = 0, enabled: bool = True):
+    def __init__(self, *, total: int, start: int = 0, enabled: bool = True, silent: bool = False):
         # soft_wrap: piped output (CI logs, `| tee`) keeps each metric line whole instead of wrapping at 80 columns
         self.console = Console(soft_wrap=True, highlight=False)
         self.enabled = enabled
+        self.silent = silent  # ranks other than 0 print nothing
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -37,7 +38,8 @@ class TrainingProgress:
         self._progress.update(self._task, completed=step, loss=loss, tps=tokens_per_s)
 
     def print(self, message: str, *, markup: bool = True) -> None:
-        self._progress.console.print(message, markup=markup)
+        if not self.silent:
+            self._progress.console.print(message, markup=markup)
 
     def print_metrics(self, step: int, total: int, metrics: dict) -> None:
         """One line; ``lm_loss`` (next token, comparable with ``val_loss``) first, the training objective

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,14 @@ class NonFiniteLossError(RuntimeError):
     """Raised inside the loop when the loss or the gradient norm is NaN or inf."""
 
 
+def _is_wrapped(model: torch.nn.Module) -> bool:
+    """Already placed by a parallelism (DDP, or FSDP2 / tensor parallel DTensor parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel) or any(
+        isinstance(p, DTensor) for p in model.parameters())
+
+
 class Trainer:
     """Train ``model`` (returning logits, ``mtp_logits`` and ``aux_loss``) on windows of token ids.
 
@@ -177,6 +186,7 @@ class Trainer:
         config: Any = None,
         args: TrainingArguments | None = None,
         callbacks: list[TrainerCallback] | None = None,
+        parallel: Any = None,
         **overrides: Any,
     ):
         names = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -187,12 +197,18 @@ class Trainer:
         self.args = dataclasses.replace(args, **overrides) if overrides else args
         if train_loader is None:
             raise ValueError("train_loader is required")
+        from nexus.training.distributed.mesh import current_context
+
+        # where this rank stands: one process, or a mesh built by nexus.training.distributed.init_parallel
+        self.parallel = parallel or current_context()
+        self.is_main = self.parallel.is_main
         self.device = self.args.resolve_device()
-        if self.args.precision in ("fp8", "mxfp8", "fp4"):
+        wrapped = _is_wrapped(model)
+        if self.args.precision in ("fp8", "mxfp8", "fp4") and not wrapped:  # a wrapped model was converted first
             from nexus.training.mixed_precision import apply_precision
 
             model = apply_precision(model, self.args.precision)  # swapped layers keep the same Parameters
-        self.model = model.to(self.device)
+        self.model = model if wrapped else model.to(self.device)
         self.optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=self.args.max_lr, weight_decay=0.1)
         self.lr_scheduler = lr_scheduler
         self.train_loader = train_loader
@@ -216,6 +232,11 @@ class Trainer:
         self._stops = StopSignals()
         self._flops_per_token = self._estimate_flops_per_token()
 
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+        return self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
+
     # ---- data position -------------------------------------------------------------------------
     def _data_state(self) -> dict:
         """Where the data stream stands: counted here, since loaders prefetch ahead of use."""
@@ -223,8 +244,8 @@ class Trainer:
         sampler = getattr(self.train_loader, "sampler", None)
         dataset = getattr(self.train_loader, "dataset", None)
         if isinstance(sampler, ResumableShuffleSampler):
-            batch_size = getattr(self.train_loader, "batch_size", None) or 1
-            state["sampler"] = sampler.state_dict(consumed=self.micro_batches_seen * batch_size)
+            batch_size = (getattr(self.train_loader, "batch_size", None) or 1) * sampler.world_size
+            state["sampler"] = sampler.state_dict(consumed=self.micro_batches_seen * batch_size)  # the global stream
         elif hasattr(dataset, "state_dict"):
             state["dataset"] = dataset.state_dict()
         return state
@@ -311,13 +332,14 @@ class Trainer:
         if self.scaler:
             found_inf = self.scaler.found_inf(self.optimizer)  # unscales the gradients first
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), device=self.device)
-        checks = [sums["loss"], sums["lm_loss"], grad_norm] + ([found_inf] if self.scaler else [])
-        loss, lm_loss, grad_norm, *overflow = torch.stack([c.float() for c in checks]).tolist()  # the step's host read
+        loss, lm_loss, grad_norm, overflow, stops = self._agree(sums["loss"], sums["lm_loss"], grad_norm,
+                                                                found_inf if self.scaler else None)
+        self._stop_now = stops > 0
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss is {loss} at step {self.step + 1}")
         if not math.isfinite(grad_norm) and self.scaler is None:
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}")
-        skipped = bool(overflow and overflow[0])  # the scaler skips steps whose gradients overflowed
+        skipped = overflow > 0  # the scaler skips steps whose gradients overflowed
         if self.scaler:
             self.scaler.step(self.optimizer, found_inf=skipped)
             self.scaler.update()
@@ -332,6 +354,24 @@ class Trainer:
         sums.update(loss=loss, lm_loss=lm_loss, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                     tokens=tokens)
         return sums
+
+    def _agree(self, loss, lm_loss, grad_norm, found_inf):
+        """The step's one host read: losses averaged over the ranks, gradient norm, overflow and stop
+        requests summed, so that every rank takes the same decision (skip, NaN stop, signal stop)."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        stop = float(self._stops.requested is not None)
+        values = torch.stack([loss.float(), lm_loss.float(), grad_norm.float(),
+                              found_inf.float() if found_inf is not None else grad_norm.new_zeros(()),
+                              grad_norm.new_tensor(stop, dtype=torch.float32)])
+        world = self.parallel.world_size
+        if world > 1:
+            # every rank of a data-parallel group holds the same norm; tensor/pipeline peers the same loss
+            values[:3] /= world
+            torch.distributed.all_reduce(values)
+        return values.tolist()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -360,9 +400,13 @@ class Trainer:
             if callable(swap):
                 self.optimizer.train()
             self.model.train(was_training)
+        both = torch.stack([total, total.new_tensor(float(count))])
+        if self.parallel.dp_size > 1:  # each data-parallel rank evaluated its share of every batch
+            torch.distributed.all_reduce(both, group=self.parallel.dp_group)
+        total, count = both.tolist()  # one host read per evaluation
         if count == 0:
             raise ValueError("the validation loader yielded no batches")
-        loss = total.item() / count  # one host read per evaluation
+        loss = total / count
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -370,8 +414,8 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "model": self.model.state_dict(),
-            "model_signature": ckpt.model_signature(self.model),
+            "model": self.unwrapped_model.state_dict(),
+            "model_signature": ckpt.model_signature(self.unwrapped_model),
             "optimizer_type": type(self.optimizer).__name__,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
@@ -395,8 +439,13 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = self.checkpoint_dir / f"checkpoint_step_{self.step}.pt"
-        self._write_checkpoint(path, lambda: ckpt.save_checkpoint(self.state_dict(), path))
-        ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last)
+        state = self.state_dict()
+
+        def write():
+            self._write_checkpoint(path, lambda: ckpt.save_checkpoint(state, path))
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last)
+
+        self._on_main(write)
         self.last_checkpoint = path
         for cb in self.callbacks:
             cb.on_save(self, path)
@@ -405,9 +454,26 @@ class Trainer:
     def _save_best(self, path: Path | None) -> None:
         best = self.checkpoint_dir / "checkpoint_best.pt"
         if path is not None:
-            self._write_checkpoint(best, lambda: ckpt.copy_checkpoint(path, best))
+            self._on_main(lambda: self._write_checkpoint(best, lambda: ckpt.copy_checkpoint(path, best)))
         else:
-            self._write_checkpoint(best, lambda: ckpt.save_checkpoint(self.state_dict(), best))
+            state = self.state_dict()
+            self._on_main(lambda: self._write_checkpoint(best, lambda: ckpt.save_checkpoint(state, best)))
+
+    def _on_main(self, write) -> None:
+        """Rank 0 writes what is not sharded; the others wait, so no rank reads a file before it exists."""
+        try:
+            if self.is_main:
+                write()
+        finally:
+            self._barrier()
+
+    def _barrier(self) -> None:
+        if self.parallel.distributed:
+            torch.distributed.barrier()
+
+    def _say(self, line: str) -> None:
+        if self.is_main:
+            print(line, flush=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything ``save_checkpoint`` wrote; the model must have the same parameters."""
@@ -418,8 +484,8 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {path} holds the state of a {saved_type} optimizer, "
                                        f"but this run uses {run_type}")
         try:
-            ckpt.check_signature(state["model_signature"], self.model, path)
-            self.model.load_state_dict(state["model"])
+            ckpt.check_signature(state["model_signature"], self.unwrapped_model, path)
+            self.unwrapped_model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.lr_scheduler is not None and state["scheduler"] is not None:
                 self.lr_scheduler.load_state_dict(state["scheduler"])
@@ -437,14 +503,16 @@ class Trainer:
 
     # ---- logging -------------------------------------------------------------------------------
     def _estimate_flops_per_token(self) -> float | None:
-        count = getattr(self.model, "num_parameters", None)
+        count = getattr(self.unwrapped_model, "num_parameters", None)
         if count is None:
             return None
         # 6 N per token for forward + backward over the active parameters (Kaplan et al. 2020)
         return 6.0 * count(active=True)
 
     def _open_loggers(self) -> None:
-        self._wandb = None
+        self._wandb = self._jsonl = self._tb = None
+        if not self.is_main:
+            return
         if self.args.use_wandb:  # first, so a missing extra fails before any file is opened
             try:
                 import wandb
@@ -466,13 +534,16 @@ class Trainer:
             )
 
     def _close_loggers(self) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
 
     def log(self, metrics: dict) -> None:
+        if self._jsonl is None:  # not rank 0
+            return
         record = {"step": self.step, "tokens": self.tokens_seen, **metrics}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -502,8 +573,6 @@ class Trainer:
             say(f"checkpoints after step {self.step} belong to another run of {self.checkpoint_dir}: moved to {moved}")
 
     def _stop_message(self, signum: int) -> str:
-        import signal
-
         where = self.last_checkpoint
         how = (f"{self.resume_command} --resume {where}" if self.resume_command
                else f"trainer.train(resume_from={str(where)!r})")
@@ -524,21 +593,25 @@ class Trainer:
 
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-            print(f"resumed from step {self.step} (tokens {self.tokens_seen:,}) of {resume_from}", flush=True)
+            self._say(f"resumed from step {self.step} (tokens {self.tokens_seen:,}) of {resume_from}")
         max_steps = max_steps or self.args.resolve_max_steps()
         if max_steps is None:
             raise ValueError("give max_steps (to train() or TrainingArguments) or total_tokens")
         if self.step >= max_steps:
-            print(f"the run is finished: it is at step {self.step} of {max_steps}; nothing to train", flush=True)
+            self._say(f"the run is finished: it is at step {self.step} of {max_steps}; nothing to train")
             return TrainResult(step=self.step, tokens_seen=self.tokens_seen, stop_reason="finished",
                                last_checkpoint=Path(resume_from) if resume_from else self.last_checkpoint,
                                best_metric=self.best_metric, metrics={})
-        self._prepare_checkpoint_dir(lambda line: print(line, flush=True))
+        if self.is_main:
+            self._prepare_checkpoint_dir(self._say)
+        self._barrier()
         self._stops = StopSignals()
+        self._stop_now = False
         self._open_loggers()
         stop_reason = "max_steps"
         metrics: dict = {}
-        progress = TrainingProgress(total=max_steps, start=self.step, enabled=self.args.progress_bar)
+        progress = TrainingProgress(total=max_steps, start=self.step, enabled=self.args.progress_bar and self.is_main,
+                                    silent=not self.is_main)
         window_time, window_tokens = 0.0, 0  # tokens/s over training steps only, not eval or checkpoints
         saved_step = None
         try:
@@ -549,7 +622,7 @@ class Trainer:
                     start = self.evaluate()
                     self.log(start)
                     progress.print_metrics(0, max_steps, start)
-                while self.step < max_steps and not self.should_stop and stops.requested is None:
+                while self.step < max_steps and not self.should_stop and not self._stop_now:
                     good_micro_batches, good_rng = self.micro_batches_seen, ckpt.rng_state()
                     step_start = time.perf_counter()
                     try:
@@ -599,10 +672,13 @@ class Trainer:
                         saved_step = self.step
                     if improved and self.args.save_best:
                         self._save_best(path)
-                if stops.requested is not None:
+                    if not self.parallel.distributed:  # ranks stop on the step they agreed on in _agree
+                        self._stop_now = stops.requested is not None
+                if self._stop_now:
                     if saved_step != self.step:  # the signal came before the first step of this call
                         self.save_checkpoint()
                     stop_reason = "signal"
+                    stops.requested = stops.requested or signal.SIGTERM  # a peer's signal: as a scheduler's
                     progress.print(self._stop_message(stops.requested), markup=False)
                 elif self.should_stop and stop_reason == "max_steps":
                     stop_reason = "callback"
