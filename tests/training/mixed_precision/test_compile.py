@@ -1,7 +1,7 @@
 """FP8, MXFP8 and FP4 layers under ``torch.compile(fullgraph=True)``: one graph, no recompiles, and the
 compiled outputs, input and parameter gradients and FP8 amax histories equal eager bit for bit.
 
-One small model holds all three layer kinds (one compile keeps CPU time down). Stochastic gradient
+One small model holds all three layer kinds and a packed MXFP8 layer (one compile keeps CPU time down). Stochastic gradient
 rounding is on (MXFP8 and FP4), so its seeds must be drawn as tensors inside the graph: a Python int
 seed would graph-break (``.item()``) or recompile each step. The ``aot_eager`` backend runs the
 same aten ops as eager (same RNG draws in the same order), so equality is exact. The kernel ops pick
@@ -33,11 +33,13 @@ from nexus.training.mixed_precision import (
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 48))
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 48), nn.GELU(),
+                          nn.Linear(48, 16))
     convert_to_fp8(model, FP8Format.HYBRID, filter_fn=lambda name, _: name == "0")
-    convert_to_mxfp8(model, MXFP8Config(stochastic_rounding=True), filter_fn=lambda name, _: name == "2")
+    convert_to_mxfp8(model, MXFP8Config(stochastic_rounding=True), filter_fn=lambda name, _: name in ("2", "6"))
     convert_to_fp4(model, FP4Config(stochastic_rounding=True), filter_fn=lambda name, _: name == "4")
-    assert [type(model[i]) for i in (0, 2, 4)] == [FP8Linear, MXFP8Linear, FP4Linear]
+    model[6].pack_weights()  # packed codes + E8M0 scales: the forward decodes them with from_mx
+    assert [type(model[i]) for i in (0, 2, 4, 6)] == [FP8Linear, MXFP8Linear, FP4Linear, MXFP8Linear]
     return model
 
 
