@@ -194,14 +194,17 @@ def run_experts(x: torch.Tensor, plan: DispatchPlan, modules: Sequence[nn.Module
     Shapes: x [N, D_in]; ``modules[e]`` maps [n_e, D_in] -> [n_e, out_dim] (any module: the loop
     calls it on one contiguous block of rows) -> [N, out_dim], dtype of x, with
     out[n] = sum over the kept assignments (n, e) of weight * modules[e](x[n]). An empty or dropped
-    slot contributes exactly zero (its input row is zeroed and its output masked).
+    slot contributes exactly zero (its input row is zeroed and its output masked). An expert with no
+    slots still runs (on 0 rows), so every expert parameter is in the autograd graph with a zero gradient.
     """
     if len(plan.sizes) != len(modules):
         raise ValueError(f"plan has {len(plan.sizes)} experts but {len(modules)} modules were given")
     rows = x.index_select(0, plan.token)
     if plan.mask is not None:
         rows = rows.masked_fill(~plan.mask[:, None], 0)
-    outs = [module(chunk) for module, chunk, size in zip(modules, rows.split(plan.sizes), plan.sizes) if size > 0]
+    # every expert runs, an empty one on its 0 rows: its parameters then get a zero gradient instead of
+    # none, so DDP's all-reduce (which waits for every parameter) never hangs on an idle expert
+    outs = [module(chunk) for module, chunk in zip(modules, rows.split(plan.sizes))]
     out = x.new_zeros(x.shape[0], out_dim)
     if not outs:
         return out
