@@ -18,16 +18,18 @@ def _train(ns: argparse.Namespace) -> int:
         cfg.training.use_wandb = True
     trainer = build_trainer(cfg, device=ns.device, max_steps=ns.max_steps, source=ns.config)
     trainer.resume_command = f"nexus train --config {ns.config}"
-    n_total = trainer.model.num_parameters()
-    n_active = trainer.model.num_parameters(active=True)
-    print(f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; device {trainer.device}")
+    say = print if trainer.is_main else (lambda *a, **k: None)  # rank 0 alone speaks
+    n_total = trainer.unwrapped_model.num_parameters()
+    n_active = trainer.unwrapped_model.num_parameters(active=True)
+    ranks = f"; {trainer.parallel.world_size} ranks {trainer.parallel.sizes}" if trainer.parallel.distributed else ""
+    say(f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; device {trainer.device}{ranks}")
     result = trainer.train(resume_from=ns.resume)
     if result.stop_reason == "signal":  # the trainer has said where to resume from
         for sig in (signal.SIGINT, signal.SIGTERM):  # the work is saved: a late second Ctrl-C changes nothing
             signal.signal(sig, signal.SIG_IGN)
         return 128 + result.signal  # what a shell reports for a process the signal killed: 143, 130
     if result.stop_reason != "finished":
-        print(f"stopped at step {result.step} ({result.stop_reason}); {result.tokens_seen:,} tokens; "
+        say(f"stopped at step {result.step} ({result.stop_reason}); {result.tokens_seen:,} tokens; "
               f"last checkpoint {result.last_checkpoint}")
     return 3 if result.stop_reason == "nonfinite_loss" else 0
 

@@ -7,6 +7,7 @@ A run file has up to five sections, each mapped onto one dataclass::
     training:   TrainingArguments    (nexus.training.trainer)
     optimizer:  OptimizerConfig
     qat:        QATConfig            (nexus.training.qat; only when present: quantization-aware training)
+    distributed: DistributedConfig   (nexus.training.distributed; only when present: the device mesh)
 
 An unknown or misspelt key, a value of the wrong type, or an impossible value stops loading with a
 ``ConfigError`` that names the file and the key.
@@ -184,6 +185,7 @@ class RunConfig:
     training: Any = None
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     qat: Any = None  # a QATConfig when the file has a `qat:` section: quantization-aware training
+    distributed: Any = None  # a DistributedConfig when the file has a `distributed:` section
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,11 +193,12 @@ class RunConfig:
 
 def _sections() -> dict[str, type]:
     from nexus.models.moe import MoEConfig
+    from nexus.training.distributed.mesh import DistributedConfig
     from nexus.training.qat import QATConfig
     from nexus.training.trainer import TrainingArguments
 
     return {"model": MoEConfig, "data": DataConfig, "training": TrainingArguments, "optimizer": OptimizerConfig,
-            "qat": QATConfig}
+            "qat": QATConfig, "distributed": DistributedConfig}
 
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
@@ -208,7 +211,7 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
         raise ConfigError(f"{source}: unknown section {', '.join(map(repr, unknown))}; known: {', '.join(sections)}")
     if "model" not in raw:
         raise ConfigError(f"{source}: the 'model' section is missing")
-    optional = {"qat"}  # present only when the file has the section
+    optional = {"qat", "distributed"}  # present only when the file has the section
     built = {name: build_dataclass(cls, raw.get(name), f"{source}: {name}")
              for name, cls in sections.items() if name not in optional or raw.get(name) is not None}
     cfg = RunConfig(**built)

@@ -205,7 +205,7 @@ def build_default_corpus(out_dir, *, max_bytes: int | None = None, val_fraction:
             entries.append({"name": path.name, "split": split, "documents": len(lines),
                             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {"params": params, "files": entries}
-    tmp = out_dir / (_MANIFEST + ".tmp")
+    tmp = out_dir / f"{_MANIFEST}.tmp-{os.getpid()}"  # unique per process: ranks may write at once
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     tmp.replace(out_dir / _MANIFEST)
     return CorpusFiles(train=[out_dir / e["name"] for e in entries if e["split"] == "train"],

@@ -253,7 +253,7 @@ def write_token_file(path, tokens, vocab_size: int) -> int:
         tokens = [tokens]
     path.parent.mkdir(parents=True, exist_ok=True)
     _header_path(path).unlink(missing_ok=True)  # an interrupted write must not look complete
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # unique per process: ranks may write at once
     n = 0
     with open(tmp, "wb") as f:
         for chunk in tokens:

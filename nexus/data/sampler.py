@@ -65,3 +65,28 @@ class ResumableShuffleSampler(Sampler[int]):
         while True:
             batch = [next(stream) for _ in range(chunk)]
             yield from batch[start: start + self.batch_size]
+
+
+class ShardedSequentialSampler(Sampler[int]):
+    """``range(n)`` in order, cut into global batches of ``batch_size * world_size``; rank ``rank`` takes
+    its ``batch_size`` of each. A last partial global batch is dropped, so every rank runs the same
+    number of batches (a sharded model needs all ranks in every forward) at any world size.
+
+    Example::
+        loader = DataLoader(val, batch_size=4, sampler=ShardedSequentialSampler(len(val), rank=1, world_size=2, batch_size=4))
+    """
+
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, batch_size: int = 1):
+        if not 0 <= rank < world_size or batch_size < 1:
+            raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1, got rank={rank}, "
+                             f"world_size={world_size}, batch_size={batch_size}")
+        self.n, self.rank, self.world_size, self.batch_size = n, rank, world_size, batch_size
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world_size) * self.batch_size
+
+    def __iter__(self):
+        chunk = self.batch_size * self.world_size
+        for start in range(0, self.n // chunk * chunk, chunk):
+            first = start + self.rank * self.batch_size
+            yield from range(first, first + self.batch_size)

@@ -195,7 +195,7 @@ class TokenizerWrapper:
         """Write tokenizer.json to `path` (a file, or a directory to hold tokenizer.json)."""
         path = _out_file(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # unique per process
         self._tok.save(str(tmp))
         os.replace(tmp, path)
         return path

@@ -88,21 +88,38 @@ def prepare_run_data(cfg: RunConfig):
     )
 
 
-def build_dataloaders(cfg: RunConfig) -> tuple[DataLoader, DataLoader]:
-    """Prepare (idempotently) the token files and wrap them in resumable loaders."""
+def build_dataloaders(cfg: RunConfig, parallel=None) -> tuple[DataLoader, DataLoader]:
+    """Prepare (idempotently) the token files and wrap them in resumable loaders.
+
+    ``training.batch_size`` is the global batch of one micro-step: each of the ``parallel.dp_size``
+    data-parallel ranks loads its own ``batch_size / dp_size`` windows of it, so a run sees the same
+    windows per step at any world size. Rank 0 prepares the data while the others wait.
+    """
     from nexus.data import DolmaMemoryMappedDataset
-    from nexus.data.sampler import ResumableShuffleSampler
+    from nexus.data.sampler import ResumableShuffleSampler, ShardedSequentialSampler
 
     d, t = cfg.data, cfg.training
+    rank, size = (parallel.dp_rank, parallel.dp_size) if parallel is not None else (0, 1)
+    if t.batch_size % size:
+        raise ValueError(f"training.batch_size {t.batch_size} is not divisible by the {size} data-parallel ranks")
+    local = t.batch_size // size
+    if parallel is not None and parallel.distributed:
+        if parallel.is_main:
+            prepare_run_data(cfg)
+        torch.distributed.barrier()  # the others find the files up to date
     prepared = prepare_run_data(cfg)
     n_pred = cfg.model.n_pred_tokens
     train = DolmaMemoryMappedDataset(prepared.train_tokens_path, t.seq_len, n_pred_tokens=n_pred)
     val = DolmaMemoryMappedDataset(prepared.val_tokens_path, t.seq_len, n_pred_tokens=n_pred)
-    sampler = ResumableShuffleSampler(len(train), seed=t.seed)
+    sampler = ResumableShuffleSampler(len(train), seed=t.seed, rank=rank, world_size=size, batch_size=local)
     # A private generator keeps DataLoader's per-iterator seed draw off the global RNG stream.
-    train_loader = DataLoader(train, batch_size=t.batch_size, sampler=sampler, num_workers=d.num_workers,
+    train_loader = DataLoader(train, batch_size=local, sampler=sampler, num_workers=d.num_workers,
                               generator=torch.Generator().manual_seed(t.seed))
-    val_loader = DataLoader(val, batch_size=t.batch_size, shuffle=False)
+    val_sampler = ShardedSequentialSampler(len(val), rank=rank, world_size=size, batch_size=local)
+    if len(val_sampler) == 0:
+        raise ValueError(f"the validation split {prepared.val_tokens_path} has {len(val)} windows, fewer than one "
+                         f"global batch of {t.batch_size}")
+    val_loader = DataLoader(val, batch_size=local, sampler=val_sampler)
     return train_loader, val_loader
 
 
@@ -151,6 +168,7 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
     is the model built.
     """
     from nexus.models.moe import MoETransformer
+    from nexus.training.distributed.mesh import init_parallel, launch_env, single_process
 
     args = _fit_warmup(cfg.training, max_steps, source)
     if device is not None:
@@ -165,15 +183,25 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
     if steps is None:
         raise ValueError("training.max_steps or training.total_tokens must be set")
     _check_memory(cfg, resolved)
-    torch.manual_seed(args.seed)
-    train_loader, val_loader = build_dataloaders(dataclasses.replace(cfg, training=args))
-    model = MoETransformer(cfg.model)  # the Trainer swaps in fp8/mxfp8/fp4 layers per args.precision
+    # under torchrun / mpirun (or with a `distributed:` section) join the process group and build the mesh
+    if cfg.distributed is not None or launch_env().world_size > 1:
+        parallel = init_parallel(cfg.distributed, device_type=resolved.type)
+    else:
+        parallel = single_process()
+    torch.manual_seed(args.seed)  # every rank builds the same initial model
+    train_loader, val_loader = build_dataloaders(dataclasses.replace(cfg, training=args), parallel)
+    model = MoETransformer(cfg.model)
     if cfg.qat is not None:
         from nexus.training.qat import prepare_qat
 
         model = prepare_qat(model, cfg.qat)
+    if parallel.distributed:  # layers are swapped before they are sharded; one process: the Trainer swaps them
+        from nexus.training.distributed.parallelize import parallelize
+        from nexus.training.mixed_precision import apply_precision
+
+        model = parallelize(apply_precision(model.to(resolved), args.precision), parallel)
     optimizer = build_optimizer(model, cfg.optimizer, args.max_lr, warmup_steps=args.warmup_steps)
     # schedule-free replaces the LR schedule (its iterate averaging is the decay)
     scheduler = None if cfg.optimizer.type == "schedule_free" else build_scheduler(optimizer, args, steps)
     return Trainer(model=model, optimizer=optimizer, lr_scheduler=scheduler, train_loader=train_loader,
-                   val_loader=val_loader, config=cfg, args=args)
+                   val_loader=val_loader, config=cfg, args=args, parallel=parallel)
