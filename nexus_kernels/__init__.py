@@ -1,4 +1,8 @@
-"""Triton kernels for training large transformers, each beside its pure-PyTorch reference."""
+"""Triton kernels for training large transformers, each beside its pure-PyTorch reference.
+
+Triton is optional: the kernels are imported on their first launch, and without Triton every call
+runs the reference. Each public function calls a ``torch.ops.nexus`` custom op (see ``_backend``).
+"""
 from nexus_kernels._backend import BackendError, forced, select
 from nexus_kernels.cast import cast_to_fp, cast_to_fp_bits, decode_fp_bits
 from nexus_kernels.mx import from_mx, to_mx
