@@ -64,6 +64,7 @@ def four_ranks_two_nodes():
                                   local_world_size=2, timeout=180)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_results_come_back_per_rank_with_launcher_environment(four_ranks_two_nodes):
     results = four_ranks_two_nodes["_environment_and_collectives"]
@@ -76,6 +77,7 @@ def test_results_come_back_per_rank_with_launcher_environment(four_ranks_two_nod
         assert torch.equal(r["gathered"], torch.tensor([[0, 0], [1, 1], [2, 4], [3, 9]]))
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_every_socket_of_every_rank_is_on_127_0_0_1(four_ranks_two_nodes):
@@ -94,6 +96,7 @@ def _raise_on_rank_0(rank, world_size):
     return "rank 1 finished its part"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_a_raising_rank_fails_the_run_with_its_traceback_and_every_rank_status():
     with pytest.raises(DistributedRunError) as info:
@@ -113,6 +116,7 @@ def _rank_1_sleeps_forever(rank, world_size):
     dist.barrier()  # rank 0 waits here for a peer that never comes
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_a_hanging_run_is_killed_and_fails_within_the_timeout():
     start = time.monotonic()
@@ -134,6 +138,7 @@ def _die_by_signals(rank, world_size):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_ranks_killed_by_signals_are_reported_with_exit_codes():
     with pytest.raises(DistributedRunError) as info:
@@ -156,6 +161,7 @@ def _second_check_fails_on_rank_1(rank, world_size):
     return "ok"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_checks_in_one_spawn_name_the_failing_check():
     with pytest.raises(DistributedRunError) as info:
