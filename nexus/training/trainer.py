@@ -326,7 +326,7 @@ class Trainer:
             model_metrics = getattr(out, "metrics", None) or {}
             for k, v in {"loss": loss.detach(), **parts, **model_metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
-            tokens += window.shape[0] * self.args.seq_len
+            tokens += window.shape[0] * self.args.seq_len * self.parallel.dp_size  # the global batch
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else float("inf")
         if self.scaler:
