@@ -12,6 +12,7 @@ wrapped in mixture of depths) -> trunk hidden h.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +98,31 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(ff), losses
 
 
+def run_layers(layers: Iterable[nn.Module], h: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, list[RouterLosses], list[RouterLosses], list[float]]:
+    """Run trunk layers (blocks or MoD-wrapped blocks) in order; shared by the model and its pipeline stages.
+
+    Shapes: h [B, T, d_model], positions [T] -> (h [B, T, d_model], MoE router losses, RoM router
+    losses, fraction of tokens each MoD layer processed), losses in layer order.
+    """
+    t = h.shape[1]
+    moe_losses: list[RouterLosses] = []
+    rom_losses: list[RouterLosses] = []
+    mod_fractions: list[float] = []
+    for layer in layers:
+        if isinstance(layer, MixtureOfDepths):
+            h, losses, selected = layer(h, positions)
+            mod_fractions.append(selected.shape[1] / t)
+            block = layer.block
+        else:
+            h, losses = layer(h, positions)
+            block = layer
+        # a block yields the RoM losses first (mixer), then the MoE losses (ffn)
+        rom_losses.extend(losses[: int(block.spec.mixer == "rom")])
+        moe_losses.extend(losses[int(block.spec.mixer == "rom"):])
+    return h, moe_losses, rom_losses, mod_fractions
+
+
 class MTPHead(nn.Module):
     """One extra multi-token-prediction head: a dense attention block and its own final norm.
 
@@ -172,20 +198,7 @@ class MoETransformer(nn.Module):
             raise ValueError(f"sequence length {t} > max_seq_len {self.config.max_seq_len}")
         positions = torch.arange(t, device=input_ids.device)
         h = self.dropout(self.embed_tokens(input_ids))
-        moe_losses: list[RouterLosses] = []
-        rom_losses: list[RouterLosses] = []
-        mod_fractions: list[float] = []
-        for layer in self.layers:
-            if isinstance(layer, MixtureOfDepths):
-                h, losses, selected = layer(h, positions)
-                mod_fractions.append(selected.shape[1] / t)
-                block = layer.block
-            else:
-                h, losses = layer(h, positions)
-                block = layer
-            # a block yields the RoM losses first (mixer), then the MoE losses (ffn)
-            rom_losses.extend(losses[: int(block.spec.mixer == "rom")])
-            moe_losses.extend(losses[int(block.spec.mixer == "rom"):])
+        h, moe_losses, rom_losses, mod_fractions = run_layers(self.layers, h, positions)
         logits = self.lm_head(self.norm(h))
         mtp_logits = tuple(self.lm_head(head(h, positions)) for head in self.mtp_heads)
 
