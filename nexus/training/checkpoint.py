@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 FORMAT = "nexus-checkpoint-v1"
-_STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
+# a single file (.pt), or a directory of shards written by torch.distributed.checkpoint (.dcp)
+_STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.(pt|dcp)$")
 _TMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
+_TMP_DIR = re.compile(r"^\..+\.dcp\.(saving|replaced)$")
 # what torch.load(weights_only=True) reads back: anything else in a state is refused at save time
 _LOADABLE_LEAVES = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -152,8 +154,23 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
     found = step_checkpoints(directory)
     doomed = [p for _, p in found[: max(len(found) - keep_last, 0)]]
     for p in doomed:
-        p.unlink(missing_ok=True)
+        remove(p)
     return doomed
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint file or directory of shards."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def saved_step(path: Path) -> int:
+    """The step a checkpoint file (or directory of shards) holds, reading as little as possible."""
+    if path.is_dir():
+        return torch.load(path / "extra.pt", map_location="cpu", weights_only=True)["step"]
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -180,6 +197,9 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
         if m and p.is_file() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
             p.unlink(missing_ok=True)
             stale.append(p)
+        elif _TMP_DIR.match(p.name) and p.is_dir():  # shards of a killed sharded save (called before any save)
+            shutil.rmtree(p, ignore_errors=True)
+            stale.append(p)
     return stale
 
 
@@ -190,10 +210,11 @@ def set_aside_later_checkpoints(directory: str | Path, step: int) -> Path | None
     """
     directory = Path(directory)
     later = [p for s, p in step_checkpoints(directory) if s > step]
-    best = directory / "checkpoint_best.pt"
-    if best.is_file():
+    for best in (directory / "checkpoint_best.pt", directory / "checkpoint_best.dcp"):
+        if not best.exists():
+            continue
         try:
-            best_step = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["step"]
+            best_step = saved_step(best)
         except Exception:  # unreadable: not ours to judge, leave it where it is
             best_step = step
         if best_step > step:

@@ -209,6 +209,10 @@ class Trainer:
 
             model = apply_precision(model, self.args.precision)  # swapped layers keep the same Parameters
         self.model = model if wrapped else model.to(self.device)
+        from torch.distributed.tensor import DTensor
+
+        # sharded parameters (FSDP2, tensor parallel) are saved by every rank through torch.distributed.checkpoint
+        self.sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
         self.optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=self.args.max_lr, weight_decay=0.1)
         self.lr_scheduler = lr_scheduler
         self.train_loader = train_loader
@@ -410,14 +414,14 @@ class Trainer:
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
+    def state_dict(self, *, weights: bool = True) -> dict:
+        """Everything a resume needs; ``weights=False`` leaves out the model and optimizer state
+        (a sharded run writes them through torch.distributed.checkpoint)."""
+        state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "model": self.unwrapped_model.state_dict(),
             "model_signature": ckpt.model_signature(self.unwrapped_model),
             "optimizer_type": type(self.optimizer).__name__,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": ckpt.rng_state(),
@@ -427,6 +431,9 @@ class Trainer:
             "args": ckpt.plain_data(self.args),
             "config": ckpt.plain_data(self.config),  # for reference; enums as their values
         }
+        if weights:
+            state.update(model=self.unwrapped_model.state_dict(), optimizer=self.optimizer.state_dict())
+        return state
 
     def _write_checkpoint(self, path: Path, write) -> None:
         """Run ``write()``; a signal waits for it, and a failed write names the path and keeps the last good file."""
@@ -437,7 +444,22 @@ class Trainer:
             kept = f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint else "no earlier checkpoint"
             raise ckpt.CheckpointError(f"could not write checkpoint {path}: {exc}; {kept}") from exc
 
+    def _save_sharded(self, path: Path) -> None:
+        """Every rank writes its shards (a collective); rank 0 the rest of the state."""
+        from nexus.training.distributed.checkpointing import save_sharded
+
+        extra = ckpt.plain_data(self.state_dict(weights=False))
+        self._write_checkpoint(path, lambda: save_sharded(path, self.model, self.optimizer, extra))
+
     def save_checkpoint(self) -> Path:
+        if self.sharded:
+            path = self.checkpoint_dir / f"checkpoint_step_{self.step}.dcp"
+            self._save_sharded(path)
+            self._on_main(lambda: ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last))
+            self.last_checkpoint = path
+            for cb in self.callbacks:
+                cb.on_save(self, path)
+            return path
         path = self.checkpoint_dir / f"checkpoint_step_{self.step}.pt"
         state = self.state_dict()
 
@@ -452,6 +474,9 @@ class Trainer:
         return path
 
     def _save_best(self, path: Path | None) -> None:
+        if self.sharded:
+            self._save_sharded(self.checkpoint_dir / "checkpoint_best.dcp")
+            return
         best = self.checkpoint_dir / "checkpoint_best.pt"
         if path is not None:
             self._on_main(lambda: self._write_checkpoint(best, lambda: ckpt.copy_checkpoint(path, best)))
@@ -477,16 +502,26 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything ``save_checkpoint`` wrote; the model must have the same parameters."""
-        # On CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest to the params' devices.
-        state = ckpt.load_checkpoint(path, map_location="cpu")
+        path = Path(path)
+        if path.is_dir() and path.suffix != ".dcp":
+            path = ckpt.latest_checkpoint(path)
+        if path.suffix == ".dcp":
+            state = self._load_sharded(path)
+        elif self.sharded:
+            raise ckpt.CheckpointError(f"checkpoint {path} is a single file from an unsharded run; this run's parameters "
+                                       "are sharded: resume it with the strategy that wrote it (ddp or one process)")
+        else:
+            # On CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest to the params' devices.
+            state = ckpt.load_checkpoint(path, map_location="cpu")
         saved_type, run_type = state.get("optimizer_type"), type(self.optimizer).__name__
         if saved_type is not None and saved_type != run_type:
             raise ckpt.CheckpointError(f"checkpoint {path} holds the state of a {saved_type} optimizer, "
                                        f"but this run uses {run_type}")
         try:
             ckpt.check_signature(state["model_signature"], self.unwrapped_model, path)
-            self.unwrapped_model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if "model" in state:  # a sharded checkpoint's weights are already in place
+                self.unwrapped_model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
             if self.lr_scheduler is not None and state["scheduler"] is not None:
                 self.lr_scheduler.load_state_dict(state["scheduler"])
             if self.scaler and state["scaler"]:
@@ -500,6 +535,14 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run: {exc!r}") from exc
         self._restore_data(state["data"])
+
+    def _load_sharded(self, path: Path) -> dict:
+        from nexus.training.distributed.checkpointing import load_sharded
+
+        try:
+            return load_sharded(path, self.model, self.optimizer)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ckpt.CheckpointError(str(exc)) from exc
 
     # ---- logging -------------------------------------------------------------------------------
     def _estimate_flops_per_token(self) -> float | None:
