@@ -36,6 +36,7 @@ SEQ, PER_RANK, STEPS, LR = 16, 2, 4, 1e-3
 SPLIT_STEPS = (2, 3)  # steps whose data leaves experts idle on some ranks
 HALF = CONFIG["vocab_size"] // 2
 ATOL = 1e-6
+GRAD_ATOL = 1e-6
 
 
 def steered_model() -> MoETransformer:
@@ -98,37 +99,56 @@ def count_expert_rows(model: MoETransformer) -> dict[str, list[int]]:
 def _ddp_run(rank: int, world_size: int) -> dict:
     from nexus.training.distributed.data_parallel import DataParallelModel, unwrap_model, wrap_data_parallel
 
+    from torch.distributed.device_mesh import init_device_mesh
+
     model = steered_model()
     reference = copy.deepcopy(model) if rank == 0 else None
     counts = count_expert_rows(model)
-    wrapped = wrap_data_parallel(model)
+    errors = {}
+    mesh_2d = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    for key, kwargs in (("both", dict(mesh=mesh_2d["dp_shard"], process_group=torch.distributed.group.WORLD)),
+                        ("2d", dict(mesh=mesh_2d))):
+        try:
+            wrap_data_parallel(model, **kwargs)
+        except ValueError as exc:
+            errors[key] = str(exc)
+    # 2 ranks: the default group; 4 ranks: a 1-D mesh
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp_replicate",)) if world_size == 4 else None
+    wrapped = wrap_data_parallel(model, mesh)
     result = {
+        "errors": errors,
+        "group_size": torch.distributed.get_world_size(wrapped.process_group),
         "is_ddp": isinstance(wrapped, DataParallelModel),
         "attributes": (wrapped.config is model.config, wrapped.layers is model.layers,
                        wrapped.num_parameters(active=True) == model.num_parameters(active=True),
                        wrapped.num_parameters() == model.num_parameters(), unwrap_model(wrapped) is model),
     }
     opt = torch.optim.AdamW(wrapped.parameters(), lr=LR)
-    losses = []
+    # the one-process run (rank 0 only): the same slices one after the other, accumulated, in lock step
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=LR) if reference is not None else None
+    losses, grad_diffs = [], []
     for step in range(STEPS):
-        window = global_batch(step, world_size)[rank * PER_RANK:(rank + 1) * PER_RANK]
+        batch = global_batch(step, world_size)
+        window = batch[rank * PER_RANK:(rank + 1) * PER_RANK]
         loss = loss_of(wrapped(window[:, :SEQ]), window)
         loss.backward()
-        opt.step()
-        opt.zero_grad()
         losses.append(loss.item())
-    result["counts"] = counts
-    result["losses"] = losses
-    result["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-    if reference is not None:  # the one-process run: the same slices, accumulated
-        ref_opt = torch.optim.AdamW(reference.parameters(), lr=LR)
-        for step in range(STEPS):
-            batch = global_batch(step, world_size)
+        if reference is not None:
             for r in range(world_size):
                 window = batch[r * PER_RANK:(r + 1) * PER_RANK]
                 (loss_of(reference(window[:, :SEQ]), window) / world_size).backward()
+            ref_grads = dict(reference.named_parameters())
+            grad_diffs.append({n: ((p.grad - ref_grads[n].grad).abs().max().item(),
+                                   ref_grads[n].grad.abs().max().item()) for n, p in model.named_parameters()})
             ref_opt.step()
             ref_opt.zero_grad()
+        opt.step()
+        opt.zero_grad()
+    result["counts"] = counts
+    result["losses"] = losses
+    result["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if reference is not None:
+        result["grad_diffs"] = grad_diffs
         result["reference"] = {n: p.detach().clone() for n, p in reference.named_parameters()}
     return result
 
@@ -139,9 +159,17 @@ def ddp_run(request):
 
 
 def test_wrapper_exposes_the_inner_model(ddp_run):
-    _, results = ddp_run
+    world_size, results = ddp_run
     for r in results:
         assert r["is_ddp"] and all(r["attributes"]), r["attributes"]
+        assert r["group_size"] == world_size
+
+
+def test_bad_mesh_arguments_name_the_problem(ddp_run):
+    _, results = ddp_run
+    errors = results[0]["errors"]
+    assert "mesh or process_group, not both" in errors["both"]
+    assert "1-D" in errors["2d"] and "2 dimensions" in errors["2d"] and "dp_replicate" in errors["2d"]
 
 
 def test_some_experts_get_no_tokens_on_some_ranks_only(ddp_run):
@@ -166,6 +194,15 @@ def test_all_ranks_hold_identical_parameters(ddp_run):
     for r in results[1:]:
         for name, p in r["params"].items():
             assert torch.equal(p, results[0]["params"][name]), name
+
+
+def test_gradients_are_the_mean_over_ranks_at_every_step(ddp_run):
+    # AdamW is blind to a gradient's scale, so the average itself is checked here, not only the parameters
+    _, results = ddp_run
+    for step, diffs in enumerate(results[0]["grad_diffs"]):
+        assert len(diffs) == len(results[0]["params"])  # (a parameter without .grad fails in the rank)
+        worst = max(diffs, key=lambda n: diffs[n][0])
+        assert diffs[worst][0] <= GRAD_ATOL, (step, worst, diffs[worst])
 
 
 def test_parameters_equal_one_process_after_adamw_steps(ddp_run):

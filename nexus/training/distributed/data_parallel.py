@@ -22,6 +22,11 @@ Reaching the inner model: DDP keeps it at ``.module``. The wrapper returned here
 ``wrapped.num_parameters(active=True)``, ``wrapped.config`` and ``wrapped.layers`` read the model's
 own. ``state_dict()`` keys carry DDP's ``module.`` prefix; save and load checkpoints through
 :func:`unwrap_model` (``unwrap_model(wrapped).state_dict()``) so they stay loadable without DDP.
+Gradient accumulation: run the micro-batches before the last one under ``wrapped.no_sync()``.
+
+With tensor parallel (DTensor parameters) DDP is refused: torch's DDP + TP path swaps the DTensor
+parameters out of ``named_parameters()`` after the first forward. Data x tensor parallel goes
+through FSDP2's ``fully_shard`` on the data-parallel mesh (tests/distributed/test_tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["DataParallelModel", "unwrap_model", "wrap_data_parallel"]
@@ -80,8 +86,8 @@ def _model_device(model: nn.Module) -> torch.device:
     if not devices:
         raise ValueError("wrap_data_parallel: the model has no parameters to synchronise")
     if len(devices) > 1:
-        raise ValueError(f"wrap_data_parallel: the model's parameters are on several devices {sorted(map(str, devices))}; "
-                         "DDP needs them on one device per rank")
+        raise ValueError(f"wrap_data_parallel: the model's parameters are on several devices "
+                         f"{sorted(map(str, devices))}; DDP needs them on one device per rank")
     device = devices.pop()
     if device.type == "meta":
         raise ValueError("wrap_data_parallel: the model's parameters are on the meta device; materialise them "
@@ -101,11 +107,10 @@ def wrap_data_parallel(model: nn.Module, mesh: DeviceMesh | None = None, *,
 
     Args:
         model: an ``nn.Module`` whose parameters all sit on this rank's device (CPU with Gloo, or
-            ``cuda:LOCAL_RANK`` with NCCL); with tensor parallel, apply it first.
-        mesh: a 1-D DeviceMesh of the data-parallel ranks (for a 2-D dp x tp mesh pass
-            ``mesh["dp_replicate"]`` or ``mesh["dp_shard"]``: a slice of a larger mesh makes DDP
-            localise tensor-parallel DTensor parameters, torch's DDP + TP path). Mutually exclusive
-            with ``process_group``; with neither, the default (world) group.
+            ``cuda:LOCAL_RANK`` with NCCL), plain tensors: a tensor-parallel model (DTensor
+            parameters) is refused, see Raises.
+        mesh: a 1-D DeviceMesh of the data-parallel ranks (e.g. ``mesh["dp_replicate"]`` of a larger
+            mesh). Mutually exclusive with ``process_group``; with neither, the default (world) group.
         process_group: the data-parallel process group.
         device_ids: DDP's ``device_ids``; by default ``[index]`` of the model's CUDA device, None on CPU.
         find_unused_parameters: DDP's graph walk for parameters without gradients; not needed for
@@ -127,7 +132,11 @@ def wrap_data_parallel(model: nn.Module, mesh: DeviceMesh | None = None, *,
     Raises:
         RuntimeError: no process group is initialised. ValueError: both ``mesh`` and
         ``process_group``, a mesh that is not 1-D, parameters on several devices or on meta, CPU
-        parameters with an NCCL group.
+        parameters with an NCCL group, DTensor parameters (tensor parallel or FSDP2 applied): torch's
+        DDP handles those only through a workaround that drops them from ``named_parameters()``
+        after the first forward (so state_dict, clipping and checkpoints lose them); combine
+        tensor parallel with FSDP2's ``fully_shard`` on the data-parallel mesh instead, as
+        torchtitan does.
 
     Example:
         >>> model = wrap_data_parallel(MoETransformer(cfg).to(device))  # after init_process_group
@@ -147,7 +156,13 @@ def wrap_data_parallel(model: nn.Module, mesh: DeviceMesh | None = None, *,
             raise TypeError(f"wrap_data_parallel: mesh must be a DeviceMesh, got {type(mesh).__name__}")
         if mesh.ndim != 1:
             raise ValueError(f"wrap_data_parallel: mesh must be 1-D (the data-parallel ranks), got {mesh.ndim} "
-                             f"dimensions {mesh.mesh_dim_names}; pass its data-parallel slice, e.g. mesh['dp_replicate']")
+                             f"dimensions {mesh.mesh_dim_names}; pass its data-parallel slice, "
+                             "e.g. mesh['dp_replicate']")
+    dtensors = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    if dtensors:
+        raise ValueError(f"wrap_data_parallel: {len(dtensors)} parameters are DTensors (e.g. {dtensors[0]}): DDP "
+                         "cannot hold tensor-parallel or FSDP2-sharded parameters; for data x tensor parallel use "
+                         "FSDP2 (fully_shard) on the data-parallel mesh")
     device = _model_device(model)
     group = mesh.get_group() if mesh is not None else process_group
     backend = dist.get_backend(group)
