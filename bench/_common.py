@@ -303,12 +303,23 @@ def _spread_arg(text: str) -> float:
     return value
 
 
+def _threads_arg(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be at least 1 (got {value})")
+    return value
+
+
 def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--pairs`` (rounds of alternation, at least ``MIN_PAIRS``) and ``--max-spread`` (a fraction)."""
+    """``--pairs`` (rounds of alternation, at least ``MIN_PAIRS``), ``--max-spread`` (a fraction) and
+    ``--threads`` (torch CPU threads; pass it on to ``setup``)."""
     parser.add_argument("--pairs", type=_pairs_arg, default=MIN_PAIRS,
                         help=f"rounds of alternation, each timing every implementation once (>= {MIN_PAIRS})")
     parser.add_argument("--max-spread", type=_spread_arg, default=MAX_SPREAD,
                         help="(max - min) / median of the per-pair ratios above which a row is inconclusive")
+    parser.add_argument("--threads", type=_threads_arg, default=None,
+                        help="torch CPU threads (default: torch's choice); on a loaded CPU, 1 keeps timings "
+                             "steady, since parallel regions otherwise wait for descheduled threads")
 
 
 RATIO_NOTE = ("ratio = time / {baseline} time in the same round; median of {pairs} rounds with min and max; "
@@ -401,15 +412,21 @@ NO_GPU_NOTE = "No GPU: the Triton kernel rows need a GPU; reference paths run at
 
 
 def setup(device: torch.device | str | None = None, *, measure_bandwidth: bool = True,
-          min_run_time: float = 0.1, no_gpu_note: str | None = NO_GPU_NOTE) -> BenchEnv:
-    """Pick the device (CUDA when present), collect ``device_info`` and print the device line.
+          min_run_time: float = 0.1, no_gpu_note: str | None = NO_GPU_NOTE, threads: int | None = None) -> BenchEnv:
+    """Pick the device (CUDA when present), set ``threads`` torch CPU threads (None: leave torch's
+    choice), collect ``device_info`` and print the device line.
 
     ``min_run_time`` is per timing; ``compare`` takes one per arm per round. ``no_gpu_note`` is printed
     on a CPU-only run (None: print nothing).
     """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     device = torch.device(device) if device is not None else default_device()
     info = device_info(device, measure_bandwidth=measure_bandwidth)
-    line = f"device: {info['device_name']} ({device})"
+    info["torch_threads"] = torch.get_num_threads()
+    line = f"device: {info['device_name']} ({device}); {info['torch_threads']} CPU threads"
     if measure_bandwidth:
         line += f"; copy bandwidth {info['copy_GBps']:.1f} GB/s"
     print(line)

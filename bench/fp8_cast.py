@@ -32,7 +32,7 @@ def main() -> None:
                         help="on CPU also compile the stochastic reference (minutes of compile time)")
     add_pair_arguments(parser)
     args = parser.parse_args()
-    env = setup()
+    env = setup(threads=args.threads)
     n = args.n or ((1 << 26) if env.on_gpu else (1 << 20))
     print(f"n = {n}; " + RATIO_NOTE.format(baseline="reference", pairs=args.pairs, spread=args.max_spread))
     measure = blocked_timer(env.device, env.min_run_time)

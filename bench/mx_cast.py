@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     add_pair_arguments(parser)
     args = parser.parse_args()
-    env = setup()
+    env = setup(threads=args.threads)
     m = args.m or (8192 if env.on_gpu else 256)
     k = args.k or (8192 if env.on_gpu else 1024)
     bs = args.block_size

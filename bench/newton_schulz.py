@@ -77,8 +77,9 @@ def main() -> None:
     add_pair_arguments(parser)
     args = parser.parse_args()
 
-    env = setup(measure_bandwidth=False, no_gpu_note="No CUDA GPU: timing the torch reference at small sizes on "
-                "CPU; Triton and bf16 figures need a GPU.")
+    env = setup(measure_bandwidth=False, threads=args.threads,
+                no_gpu_note="No CUDA GPU: timing the torch reference at small sizes on CPU; "
+                            "Triton and bf16 figures need a GPU.")
     device, on_gpu = env.device, env.on_gpu
     sizes = args.sizes or ([1024, 2048, 4096, 8192] if on_gpu else [128, 256, 512])
     dtype = torch.bfloat16 if on_gpu else torch.float32

@@ -142,7 +142,7 @@ def main() -> None:
     add_pair_arguments(parser)
     args = parser.parse_args()
 
-    env = setup(args.device, min_run_time=args.min_run_time, no_gpu_note=None)
+    env = setup(args.device, min_run_time=args.min_run_time, no_gpu_note=None, threads=args.threads)
     device = env.device
     dtype = getattr(torch, args.dtype)
     config = GPT_125M if (device.type == "cuda" or args.full) else CPU_SCALED

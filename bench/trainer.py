@@ -9,7 +9,7 @@ median over pairs of Trainer time / bare time, with min, max and a verdict ("inc
 when the pairs disagree). Evaluation and periodic checkpoints are off; the final checkpoint write,
 which comes after the last pair, is timed on its own.
 
-    PYTHONPATH=. python bench/trainer.py [--config configs/tiny.yaml] [--steps 10] [--pairs 5]
+    PYTHONPATH=. python bench/trainer.py [--config configs/tiny.yaml] [--steps 5] [--pairs 5] [--threads 1]
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ class AlternateWithBareLoop(TrainerCallback):
     and record ``run_bare(steps)`` (seconds per step). The first log is the warm-up pair, not recorded.
 
     ``clock`` gives seconds (``time.perf_counter``; a fake in tests). ``tail_s`` after the run: seconds
-    from the last pair to the end of ``train`` (the final checkpoint write and closing the loggers).
+    from the last pair to ``on_train_end`` (the final checkpoint write).
     """
 
     def __init__(self, run_bare: Callable[[int], float], *, steps: int, pairs: int,
@@ -114,7 +114,7 @@ class AlternateWithBareLoop(TrainerCallback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--steps", type=int, default=10, help="steps per chunk: each pair runs this many of each")
+    parser.add_argument("--steps", type=int, default=5, help="steps per chunk: each pair runs this many of each")
     add_pair_arguments(parser)
     ns = parser.parse_args()
     if ns.steps < 1:
@@ -132,7 +132,7 @@ def main() -> None:
     trainer = build_trainer(cfg, max_steps=total)
     trainer.val_loader = None  # the end-of-run evaluation is not part of the step loop
     bare = build_trainer(cfg, max_steps=total)  # same seed: same initial weights and data order
-    env = setup(trainer.device, measure_bandwidth=False, no_gpu_note=None)
+    env = setup(trainer.device, measure_bandwidth=False, no_gpu_note=None, threads=ns.threads)
     print(RATIO_NOTE.format(baseline=BARE, pairs=ns.pairs, spread=ns.max_spread))
     bare_loop = BareLoop(bare.model, bare.optimizer, bare.lr_scheduler, bare.train_loader,
                          seq_len=t.seq_len, max_norm=t.max_grad_norm, device=env.device)
@@ -153,9 +153,12 @@ def main() -> None:
     print_table(rows)
     print(f"Trainer overhead: median {c.ratio_median - 1:+.1%} [min {c.ratio_min - 1:+.1%}, "
           f"max {c.ratio_max - 1:+.1%}] over {c.pairs} pairs, spread {c.spread:.0%}: {c.verdict}")
-    print(f"final checkpoint write and logger close: {alternate.tail_s:.3f} s (once per run, not per step)")
+    print(f"final checkpoint write: {alternate.tail_s:.3f} s (once per run, not per step)")
     if env.device.type != "cuda":
         print("CPU run: GPU tokens/s and MFU need a GPU (configs/small.yaml with peak_flops set).")
+        if not c.conclusive and env.info["torch_threads"] > 1:
+            print(f"{env.info['torch_threads']} CPU threads on a loaded machine wait for each other: "
+                  "--threads 1 gives steadier pairs")
     write_json("trainer", rows, info=env.info, comparisons=[{"group": ns.config, **c.to_json()}],
                config={"config": ns.config, "steps_per_chunk": ns.steps, "pairs": ns.pairs,
                        "max_spread": ns.max_spread, "overhead_median": c.ratio_median - 1,

@@ -4,8 +4,9 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from bench._common import (MAX_SPREAD, MIN_PAIRS, Alternation, Comparison, add_pair_arguments, compare,
+from bench._common import (MAX_SPREAD, MIN_PAIRS, Alternation, Comparison, add_pair_arguments, compare, setup,
                            write_json)
 
 
@@ -173,6 +174,24 @@ def test_pair_arguments_refuse_fewer_than_five_pairs(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--max-spread", "0"])
     assert "--max-spread must be a positive fraction" in capsys.readouterr().err
+    assert parser.parse_args([]).threads is None and parser.parse_args(["--threads", "1"]).threads == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--threads", "0"])
+    assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_setup_sets_and_records_torch_threads(capsys):
+    before = torch.get_num_threads()
+    try:
+        env = setup("cpu", measure_bandwidth=False, threads=1, no_gpu_note=None)
+        assert torch.get_num_threads() == 1 and env.info["torch_threads"] == 1
+        assert not env.on_gpu and "1 CPU threads" in capsys.readouterr().out
+        with pytest.raises(ValueError, match="copy bandwidth was not measured"):
+            env.copy_bw
+        with pytest.raises(ValueError, match="threads must be at least 1"):
+            setup("cpu", measure_bandwidth=False, threads=0)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_json_carries_per_pair_ratios_median_min_max_and_verdict(tmp_path, monkeypatch):
