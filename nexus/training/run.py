@@ -195,13 +195,31 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
         from nexus.training.qat import prepare_qat
 
         model = prepare_qat(model, cfg.qat)
+    pipeline = None
     if parallel.distributed:  # layers are swapped before they are sharded; one process: the Trainer swaps them
-        from nexus.training.distributed.parallelize import parallelize
+        from nexus.training.distributed.parallelize import parallelize, parallelize_pipeline
         from nexus.training.mixed_precision import apply_precision
 
-        model = parallelize(apply_precision(model.to(resolved), args.precision), parallel)
+        model = apply_precision(model.to(resolved), args.precision)
+        if parallel.sizes["pp"] > 1:
+            pipeline, model = parallelize_pipeline(model, parallel, _pipeline_loss(args))
+        else:
+            model = parallelize(model, parallel)
     optimizer = build_optimizer(model, cfg.optimizer, args.max_lr, warmup_steps=args.warmup_steps)
     # schedule-free replaces the LR schedule (its iterate averaging is the decay)
     scheduler = None if cfg.optimizer.type == "schedule_free" else build_scheduler(optimizer, args, steps)
     return Trainer(model=model, optimizer=optimizer, lr_scheduler=scheduler, train_loader=train_loader,
-                   val_loader=val_loader, config=cfg, args=args, parallel=parallel)
+                   val_loader=val_loader, config=cfg, args=args, parallel=parallel, pipeline=pipeline)
+
+
+def _pipeline_loss(args: TrainingArguments):
+    """The Trainer's loss per pipeline microbatch, divided by the accumulation steps (the runner backpropagates it)."""
+    from nexus.training.distributed.pipeline_parallel import mtp_loss_fn
+
+    loss_fn = mtp_loss_fn(args.mtp_loss_weight)
+
+    def scaled(out, window):
+        loss, parts = loss_fn(out, window)
+        return loss / args.gradient_accumulation_steps, parts
+
+    return scaled

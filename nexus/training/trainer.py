@@ -187,6 +187,7 @@ class Trainer:
         args: TrainingArguments | None = None,
         callbacks: list[TrainerCallback] | None = None,
         parallel: Any = None,
+        pipeline: Any = None,
         **overrides: Any,
     ):
         names = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -203,7 +204,9 @@ class Trainer:
         self.parallel = parallel or current_context()
         self.is_main = self.parallel.is_main
         self.device = self.args.resolve_device()
-        wrapped = _is_wrapped(model)
+        # a pipeline (nexus.training.distributed.parallelize_pipeline) runs model = PipelineStages(runner)
+        self.pipeline = pipeline
+        wrapped = _is_wrapped(model) or pipeline is not None
         if self.args.precision in ("fp8", "mxfp8", "fp4") and not wrapped:  # a wrapped model was converted first
             from nexus.training.mixed_precision import apply_precision
 
@@ -212,7 +215,9 @@ class Trainer:
         from torch.distributed.tensor import DTensor
 
         # sharded parameters (FSDP2, tensor parallel) are saved by every rank through torch.distributed.checkpoint
-        self.sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
+        self.sharded = pipeline is not None or any(isinstance(p, DTensor) for p in self.model.parameters())
+        if pipeline is not None and (self.args.precision == "fp16" or hasattr(optimizer, "update_hessian")):
+            raise ValueError("a pipeline-parallel run supports neither fp16 loss scaling nor Sophia's Hessian updates")
         self.optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=self.args.max_lr, weight_decay=0.1)
         self.lr_scheduler = lr_scheduler
         self.train_loader = train_loader
@@ -316,6 +321,12 @@ class Trainer:
         tokens = 0
         for micro in range(accum):
             window = self._next_batch().to(self.device, non_blocking=True)
+            if self.pipeline is not None:  # forward and backward over the pipeline's microbatches, loss / accum
+                loss = self.pipeline.step(window[:, : self.args.seq_len], window)
+                for k, v in {"loss": loss * accum, **self.pipeline.last_metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach() / accum
+                tokens += window.shape[0] * self.args.seq_len * self.parallel.dp_size
+                continue
             with self._autocast():
                 out = self.model(window[:, : self.args.seq_len])
                 loss, parts = self.compute_loss(window, out)
@@ -335,7 +346,12 @@ class Trainer:
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else float("inf")
         if self.scaler:
             found_inf = self.scaler.found_inf(self.optimizer)  # unscales the gradients first
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), device=self.device)
+        if self.pipeline is not None:  # the norm over every stage, on every pipeline rank
+            grad_norm = self.pipeline.clip_grad_norm_(max_norm)
+        elif params:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            grad_norm = torch.zeros((), device=self.device)
         loss, lm_loss, grad_norm, overflow, stops = self._agree(sums["loss"], sums["lm_loss"], grad_norm,
                                                                 found_inf if self.scaler else None)
         self._stop_now = stops > 0
@@ -396,8 +412,11 @@ class Trainer:
                     if i >= self.args.eval_steps:
                         break
                     window = window.to(self.device)
-                    with self._autocast():
-                        _, parts = self.compute_loss(window)
+                    if self.pipeline is not None:
+                        _, parts = self.pipeline.evaluate(window[:, : self.args.seq_len], window)
+                    else:
+                        with self._autocast():
+                            _, parts = self.compute_loss(window)
                     total += parts["lm_loss"].float() * window.shape[0]
                     count += window.shape[0]
         finally:

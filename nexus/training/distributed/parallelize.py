@@ -17,26 +17,68 @@ from nexus.training.distributed.mesh import ParallelContext
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each block of ``model.layers`` in backward (torch's non-reentrant checkpoint wrapper)."""
+    """Recompute each block of ``model.layers`` (a ModuleList, or a pipeline stage's ModuleDict) in
+    backward, with torch's non-reentrant checkpoint wrapper."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+    if not isinstance(layers, (nn.ModuleList, nn.ModuleDict)) or len(layers) == 0:
         raise ValueError(f"activation checkpointing wraps model.layers, and {type(model).__name__} has none")
-    for i, block in enumerate(layers):
-        layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+    keys = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
+    for key in keys:
+        layers[key] = checkpoint_wrapper(layers[key], preserve_rng_state=True)
     return model
 
 
-def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
-    """``model`` placed on ``ctx.mesh`` as ``ctx.config`` says; returns the module to train.
+class PipelineStages(nn.Module):
+    """This rank's pipeline stages seen as one module whose parameter names are the whole model's
+    (``embed_tokens``, ``layers.<i>``, ``norm``, ``lm_head``, ``mtp_heads``): what the optimizer,
+    ``train()``/``eval()`` and the sharded checkpoint see. It shares the stages' modules; the
+    pipeline runner, not ``forward``, runs them."""
 
-    One process (``ctx.mesh`` None) gets only activation checkpointing, when asked for.
+    def __init__(self, runner, counts: tuple[int, int]) -> None:
+        super().__init__()
+        self.runner = [runner]  # a list: not a submodule
+        self._counts = counts  # the whole model's (total, active) parameters, counted before the split
+        self.layers = nn.ModuleDict()
+        for stage in runner.stage_modules:
+            for name, child in stage.named_children():
+                if name == "layers":
+                    self.layers.update(child)
+                elif child is not None:
+                    self.add_module(name, child)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """The whole model's parameter count (every stage), as ``MoETransformer.num_parameters``."""
+        return self._counts[1] if active else self._counts[0]
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a pipeline's stages run through its PipelineRunner (Trainer does this), not forward()")
+
+
+def parallelize_pipeline(model: nn.Module, ctx: ParallelContext, loss_fn) -> tuple[object, PipelineStages]:
+    """Split ``model`` into the pipeline stages of ``ctx.mesh["pp"]`` (``ctx.config.pp_schedule``,
+    ``pp_microbatches``) and parallelize each local stage like a model; returns the runner and
+    :class:`PipelineStages` over this rank's stages."""
+    from nexus.training.distributed.pipeline_parallel import PipelineConfig, build_pipeline
+
+    cfg = ctx.config
+    if ctx.sizes["tp"] > 1:
+        raise ValueError("distributed: tp > 1 together with pp > 1 is not supported yet; use one of them")
+    pipeline = PipelineConfig(schedule=cfg.pp_schedule, n_microbatches=cfg.pp_microbatches)
+    counts = (model.num_parameters(), model.num_parameters(active=True))
+    runner = build_pipeline(model, ctx.mesh["pp"], pipeline, loss_fn,
+                            parallelize_fn=lambda stage: parallelize(stage, ctx, blocks=stage.blocks()))
+    return runner, PipelineStages(runner, counts)
+
+
+def parallelize(model: nn.Module, ctx: ParallelContext, *, blocks=None) -> nn.Module:
+    """``model`` (or one pipeline stage, with its ``blocks``) placed on ``ctx.mesh`` as ``ctx.config``
+    says; returns the module to train. A pipeline (pp > 1) goes through :func:`parallelize_pipeline`,
+    which calls this per stage. One process gets only activation checkpointing, when asked for.
     """
     cfg = ctx.config
     sizes = ctx.sizes
-    if sizes["pp"] > 1:
-        raise ValueError("distributed.pp > 1 runs through build_pipeline (nexus.training.distributed.pipeline_parallel)")
     if sizes["cp"] > 1:
         raise ValueError("distributed.cp > 1: context parallelism is not part of this release; set cp: 1")
     if sizes["tp"] > 1:
@@ -50,6 +92,8 @@ def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     if cfg.strategy == "ddp":
         from nexus.training.distributed.data_parallel import wrap_data_parallel
 
+        if blocks is not None:
+            raise ValueError("distributed: pipeline stages shard with fsdp2; strategy ddp with pp > 1 is not supported")
         return wrap_data_parallel(model, ctx.mesh["dp_replicate"])
     from nexus.training.distributed.fsdp2 import FSDP2Config, wrap_model_fsdp2
 
@@ -57,4 +101,4 @@ def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     fsdp = FSDP2Config(sharding_strategy=cfg.sharding_strategy, mixed_precision=cfg.mixed_precision,
                        param_dtype=torch.bfloat16 if cfg.mixed_precision else torch.float32,
                        cpu_offload=cfg.cpu_offload, activation_checkpointing=False)  # applied above, in order
-    return wrap_model_fsdp2(model, fsdp, mesh=ctx.mesh[dims])
+    return wrap_model_fsdp2(model, fsdp, mesh=ctx.mesh[dims], blocks=blocks)
