@@ -1,7 +1,9 @@
 """Assemble a training run (data, model, optimizer, schedule, trainer) from a ``RunConfig``."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 
 import torch
 from torch.utils.data import DataLoader
@@ -103,11 +105,14 @@ def build_dataloaders(cfg: RunConfig, parallel=None) -> tuple[DataLoader, DataLo
     if t.batch_size % size:
         raise ValueError(f"training.batch_size {t.batch_size} is not divisible by the {size} data-parallel ranks")
     local = t.batch_size // size
-    if parallel is not None and parallel.distributed:
-        if parallel.is_main:
-            prepare_run_data(cfg)
-        torch.distributed.barrier()  # the others find the files up to date
-    prepared = prepare_run_data(cfg)
+    if parallel is not None and parallel.distributed and not parallel.is_main:
+        torch.distributed.barrier()  # rank 0 prepares first; the others then find the files up to date
+        with contextlib.redirect_stdout(io.StringIO()):  # and rank 0 alone reports
+            prepared = prepare_run_data(cfg)
+    else:
+        prepared = prepare_run_data(cfg)
+        if parallel is not None and parallel.distributed:
+            torch.distributed.barrier()
     n_pred = cfg.model.n_pred_tokens
     train = DolmaMemoryMappedDataset(prepared.train_tokens_path, t.seq_len, n_pred_tokens=n_pred)
     val = DolmaMemoryMappedDataset(prepared.val_tokens_path, t.seq_len, n_pred_tokens=n_pred)

@@ -160,6 +160,31 @@ class NonFiniteLossError(RuntimeError):
     """Raised inside the loop when the loss or the gradient norm is NaN or inf."""
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for parameters that mix plain tensors and DTensors on
+    different meshes (tensor parallel beside replicated modules, FSDP2): the norm of each group,
+    then the total. Returns the total norm as a plain 0-dim tensor."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+    if len(groups) == 1 and None in groups:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    from torch.distributed.tensor import Replicate
+
+    norms = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_
+    for mesh, grads in groups.items():
+        scale = coef if mesh is None else DTensor.from_local(coef, mesh, [Replicate()] * mesh.ndim)
+        torch._foreach_mul_(grads, scale)
+    return total
+
+
 def _is_wrapped(model: torch.nn.Module) -> bool:
     """Already placed by a parallelism (DDP, or FSDP2 / tensor parallel DTensor parameters)."""
     from torch.distributed.tensor import DTensor
@@ -349,7 +374,7 @@ class Trainer:
         if self.pipeline is not None:  # the norm over every stage, on every pipeline rank
             grad_norm = self.pipeline.clip_grad_norm_(max_norm)
         elif params:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            grad_norm = clip_grad_norm(params, max_norm)
         else:
             grad_norm = torch.zeros((), device=self.device)
         loss, lm_loss, grad_norm, overflow, stops = self._agree(sums["loss"], sums["lm_loss"], grad_norm,
