@@ -163,10 +163,34 @@ def check_bad_input(rank: int, world_size: int) -> dict:
     return errors
 
 
+def check_meta_device_then_init(rank: int, world_size: int) -> dict:
+    # the large-model path: build on meta, parallelise, then allocate and initialise only the local shards
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from nexus.training.distributed.tensor_parallel import apply_tensor_parallel
+
+    with torch.device("meta"):
+        model = MoETransformer(MoEConfig(**CONFIG))
+    apply_tensor_parallel(model, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    gen = torch.Generator().manual_seed(3)
+    window = torch.randint(0, CONFIG["vocab_size"], (2, SEQ + CONFIG["n_pred_tokens"]), generator=gen)
+    out = model(window[:, :SEQ])
+    loss_of(out, window).backward()
+    q = dict(model.named_parameters())["layers.0.mixer.q_proj.weight"]
+    return {"finite": bool(torch.isfinite(out.logits).all()) and all(torch.isfinite(_full(p.grad)).all()
+                                                                      for p in model.parameters()),
+            "q_std": q.full_tensor().std().item(), "q_local": tuple(q.to_local().shape),
+            "plain": {n: p.detach().clone() for n, p in model.named_parameters() if not isinstance(p, DTensor)}}
+
+
 @pytest.fixture(scope="module")
 def tp2():
-    return run_distributed_checks([check_sequence_parallel, check_no_sequence_parallel_capacity_tied, check_bad_input],
-                                  world_size=2, timeout=300)
+    return run_distributed_checks([check_sequence_parallel, check_no_sequence_parallel_capacity_tied, check_bad_input,
+                                   check_meta_device_then_init], world_size=2, timeout=300)
 
 
 def _assert_matches_one_process(res: dict) -> None:
@@ -221,6 +245,16 @@ def test_tp2_bad_input_names_the_problem(tp2):
     assert "T=15" in errors["seq"] and "tp=2" in errors["seq"]
     assert "already" in errors["twice"]
     assert "MoETransformer" in errors["type"] and "Linear" in errors["type"]
+
+
+def test_tp2_from_the_meta_device(tp2):
+    results = tp2["check_meta_device_then_init"]
+    hd = CONFIG["d_model"] // CONFIG["n_heads"]
+    for res in results:
+        assert res["finite"] and res["q_local"] == (2 * hd, CONFIG["d_model"])
+        assert abs(res["q_std"] - MoEConfig(**CONFIG).init_std) < 0.004  # normal(0, 0.02) over 1024 entries
+    for name, p in results[1]["plain"].items():  # replicated weights agree across the tp ranks
+        assert torch.equal(p, results[0]["plain"][name]), name
 
 
 def test_size_check_without_a_mesh():

@@ -191,7 +191,8 @@ def apply_tensor_parallel(model: MoETransformer, tp_mesh: DeviceMesh, *,
     Args:
         model: a :class:`MoETransformer`, not yet wrapped by DDP/FSDP (tensor parallel comes first,
             as in torchtitan's order) and not already tensor-parallel. Parameters may be on the
-            meta device (initialise after, e.g. ``to_empty`` then ``init_weights``).
+            meta device: then ``to_empty`` and ``init_weights`` after, with the same seed on every
+            rank (meta tensors hold nothing to broadcast, so replicated weights agree by the seed).
         tp_mesh: a 1-D DeviceMesh of the tp ranks, or a mesh with a dimension named ``"tp"``.
         sequence_parallel: split the residual stream and the norms along the sequence (less
             activation memory; forward then needs ``T % tp == 0``).
