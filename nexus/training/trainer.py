@@ -8,6 +8,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -352,17 +353,21 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v.detach() / accum
                 tokens += window.shape[0] * self.args.seq_len * self.parallel.dp_size
                 continue
-            with self._autocast():
-                out = self.model(window[:, : self.args.seq_len])
-                loss, parts = self.compute_loss(window, out)
-            if micro == 0 and getattr(self.optimizer, "hessian_due", False):
-                # Sophia's Gauss-Newton-Bartlett estimate reuses this forward's logits (graph still alive);
-                # a non-finite loss must not reach its Hessian state
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}")
-                self.optimizer.update_hessian(logits=out.logits)
-            scaled = loss / accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            # DDP all-reduces gradients in the last micro-batch's backward only
+            sync = (self.model.no_sync() if micro < accum - 1 and isinstance(
+                self.model, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext())
+            with sync:
+                with self._autocast():
+                    out = self.model(window[:, : self.args.seq_len])
+                    loss, parts = self.compute_loss(window, out)
+                if micro == 0 and getattr(self.optimizer, "hessian_due", False):
+                    # Sophia's Gauss-Newton-Bartlett estimate reuses this forward's logits (graph still alive);
+                    # a non-finite loss must not reach its Hessian state
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}")
+                    self.optimizer.update_hessian(logits=out.logits)
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             model_metrics = getattr(out, "metrics", None) or {}
             for k, v in {"loss": loss.detach(), **parts, **model_metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
