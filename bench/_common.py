@@ -56,13 +56,15 @@ class Timing:
 
 def time_fn(fn: Callable[[], Any], *, device: torch.device | str = "cpu", min_run_time: float = 0.2,
             warmup: int = 2) -> Timing:
-    """Time ``fn()`` (no arguments): ``warmup`` untimed calls, then blocked runs for ``min_run_time`` s."""
+    """Time ``fn()`` (no arguments): ``warmup`` untimed calls, then blocked runs for ``min_run_time`` s,
+    with ``torch.get_num_threads()`` CPU threads (what ``setup(threads=...)`` set)."""
     for _ in range(warmup):
         fn()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-    measurement = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
-        min_run_time=min_run_time)
+    # Timer alone would run fn on 1 thread whatever the script asked for
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return Timing(median_s=measurement.median, iqr_s=measurement.iqr, runs=len(measurement.times))
 
 

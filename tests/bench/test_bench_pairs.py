@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench._common import (MAX_SPREAD, MIN_PAIRS, Alternation, Comparison, add_pair_arguments, compare, setup,
-                           write_json)
+                           time_fn, write_json)
 
 
 class ScriptedTimer:
@@ -252,3 +252,16 @@ def test_trainer_bench_refuses_an_incomplete_run():
         cb.comparison(max_spread=0.25)
     with pytest.raises(RuntimeError, match="not on a chunk boundary"):
         cb.on_log(SimpleNamespace(step=5), {})
+
+
+def test_time_fn_runs_on_the_threads_setup_asked_for():
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            time_fn(lambda: seen.append(torch.get_num_threads()), min_run_time=0.001, warmup=0)
+            assert set(seen) == {threads}
+            seen.clear()
+    finally:
+        torch.set_num_threads(before)
