@@ -24,6 +24,11 @@ def _train(ns: argparse.Namespace) -> int:
     ranks = f"; {trainer.parallel.world_size} ranks {trainer.parallel.sizes}" if trainer.parallel.distributed else ""
     say(f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; device {trainer.device}{ranks}")
     result = trainer.train(resume_from=ns.resume)
+    if trainer.parallel.distributed:  # leave together: a rank that tears Gloo down early aborts its peers
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     if result.stop_reason == "signal":  # the trainer has said where to resume from
         for sig in (signal.SIGINT, signal.SIGTERM):  # the work is saved: a late second Ctrl-C changes nothing
             signal.signal(sig, signal.SIG_IGN)
