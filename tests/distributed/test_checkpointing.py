@@ -2,14 +2,17 @@
 
 Three spawns: 2 ranks (save at step 2, continue; a fresh differently-initialised model loads the
 checkpoint and continues: bit-identical; export; incompatible models; a failing save), then 4 ranks
-(load the 2-rank checkpoint and continue; train from scratch, save, continue), then 2 ranks again
-(load the 4-rank checkpoint and continue).
+as 2 nodes x 2 (load the 2-rank checkpoint into an HSDP + CPU-offload model and continue; train
+from scratch, save, continue), then 2 ranks again (load the 4-rank checkpoint into a shard_grad_op +
+activation-checkpointing model and continue).
 
 Every run sees the same global batch per step (GLOBAL rows, rank r takes its contiguous slice), so
 the loss is the same function of the parameters at any world size and continuations at another
-world size differ only by reduction order. Tolerance for those: fp32, lr=1e-2, 2 AdamW steps after
-the load; measured max abs difference 1e-7 (2 -> 4) and 2e-7 (4 -> 2); atol 5e-5 is 100x below one
-step's update (~lr), which a wrongly resharded optimizer moment or parameter shard would exceed.
+world size differ only by reduction order. Tolerance for those: fp32, 2 AdamW steps after the load
+at lr=1e-2, eps=1e-6 (AdamW turns a gradient difference dg into an update difference up to
+lr * dg / eps; eps=1e-8 measured 2e-4 on near-zero gradients); measured max abs difference 2.4e-7
+(2 -> 4) and 1.2e-7 (4 -> 2); atol 5e-5 is 200x below one step's update (~lr), which a wrongly
+resharded optimizer moment or parameter shard exceeds.
 """
 from __future__ import annotations
 
@@ -41,11 +44,14 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, CONFIG["vocab_size"], (GLOBAL, SEQ + CONFIG["n_pred_tokens"]), generator=gen)
 
 
-def build(seed: int, **overrides):
-    """(FSDP2-wrapped model, AdamW) with weights from ``seed``; fp32 so that continuations compare exactly."""
+def build(seed: int, fsdp: dict | None = None, **overrides):
+    """(FSDP2-wrapped model, AdamW) with weights from ``seed``; fp32 so that continuations compare exactly.
+
+    fsdp: FSDP2Config fields (default full sharding): loads may change the layout as well as the world.
+    """
     torch.manual_seed(seed)
-    model = wrap_model_fsdp2(MoETransformer(MoEConfig(**{**CONFIG, **overrides})),
-                             FSDP2Config(sharding_strategy="full", param_dtype=torch.float32))
+    config = FSDP2Config(**{"sharding_strategy": "full", "param_dtype": torch.float32, **(fsdp or {})})
+    model = wrap_model_fsdp2(MoETransformer(MoEConfig(**{**CONFIG, **overrides})), config)
     return model, torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
 
 
@@ -142,8 +148,9 @@ def first_two_ranks(rank: int, world_size: int, root: str) -> dict:
 
 def four_ranks(rank: int, world_size: int, root: str) -> dict:
     out = {}
-    model, opt = build(1)
-    out["extra"] = load_sharded(os.path.join(root, "a2"), model, opt)  # written by 2 ranks
+    # written by 2 ranks fully sharded, read by 2 nodes x 2 ranks (HSDP) with CPU offload
+    model, opt = build(1, {"sharding_strategy": "hybrid", "cpu_offload": True})
+    out["extra"] = load_sharded(os.path.join(root, "a2"), model, opt)
     train(model, opt, rank, world_size, range(SAVE_AT, STEPS))
     out["from_2"] = full_params(model)
     scratch, sopt = build(0)
@@ -155,8 +162,9 @@ def four_ranks(rank: int, world_size: int, root: str) -> dict:
 
 
 def second_two_ranks(rank: int, world_size: int, root: str) -> dict:
-    model, opt = build(1)
-    extra = load_sharded(os.path.join(root, "a4"), model, opt)  # written by 4 ranks
+    # written by 4 ranks fully sharded, read by 2 ranks as ZeRO-2 with activation checkpointing
+    model, opt = build(1, {"sharding_strategy": "shard_grad_op", "activation_checkpointing": True})
+    extra = load_sharded(os.path.join(root, "a4"), model, opt)
     train(model, opt, rank, world_size, range(SAVE_AT, STEPS))
     return {"from_4": full_params(model), "extra": extra}
 
@@ -165,7 +173,7 @@ def second_two_ranks(rank: int, world_size: int, root: str) -> dict:
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("sharded"))
     first = run_distributed(first_two_ranks, 2, (root,), timeout=300)
-    four = run_distributed(four_ranks, 4, (root,), timeout=300)
+    four = run_distributed(four_ranks, 4, (root,), timeout=300, local_world_size=2)
     second = run_distributed(second_two_ranks, 2, (root,), timeout=300)
     return {"root": root, "first": first, "four": four[0], "second": second[0]}
 
@@ -245,11 +253,13 @@ def test_incompatible_checkpoints_name_the_path_and_key(runs):
     for rank_result in runs["first"]:
         shape = rank_result["err_shape"]
         assert shape.startswith("ValueError") and a2 in shape
-        assert "'model.layers.0.ffn.experts.0.gate_proj.weight' has shape [32, 32] in the checkpoint but [48, 32]" in shape
+        assert ("'model.layers.0.ffn.experts.0.gate_proj.weight' has shape [32, 32] in the checkpoint "
+                "but [48, 32]") in shape
         keys = rank_result["err_keys"]
         assert keys.startswith("ValueError") and a2 in keys
         assert "key 'model.layers.2." in keys and "is missing from the checkpoint (and " in keys
-        assert rank_result["err_missing"].startswith("FileNotFoundError") and "nowhere does not exist" in rank_result["err_missing"]
+        missing = rank_result["err_missing"]
+        assert missing.startswith("FileNotFoundError") and "nowhere does not exist" in missing
         assert "model_only holds no optimizer state (saved with optimizer=None)" in rank_result["err_no_optim"]
     assert runs["first"][0]["model_only_extra"] == {}
 
@@ -273,7 +283,8 @@ def test_stale_temporary_is_replaced_and_foreign_directories_refused(runs):
     assert not [f for f in first["final_listing"] if f.startswith(".")]  # no .saving / .replaced left
     for rank_result in runs["first"]:
         # the same exception type on every rank, though only rank 0 looked
-        assert rank_result["err_user_dir"].startswith("FileExistsError") and "not a Nexus sharded checkpoint" in rank_result["err_user_dir"]
+        refused = rank_result["err_user_dir"]
+        assert refused.startswith("FileExistsError") and "not a Nexus sharded checkpoint" in refused
     assert first["user_dir_files"] == ["notes.txt"]
 
 
@@ -286,8 +297,11 @@ def test_single_process_round_trip_and_bad_extra(tmp_path):
     out = model(window[:, :SEQ])
     multi_token_prediction_loss(out.logits, out.mtp_logits, window)[0].backward()
     opt.step()
-    with pytest.raises(TypeError, match="extra must be plain data"):
-        save_sharded(tmp_path / "bad", model, opt, {"fn": nn.Linear(2, 2)})
+    for bad in ({"module": nn.Linear(2, 2)}, {"fn": lambda: 0}):
+        with pytest.raises(TypeError, match="extra must be plain data"):
+            save_sharded(tmp_path / "bad", model, opt, bad)
+    with pytest.raises(TypeError, match="extra must be a dict or None, got list"):
+        save_sharded(tmp_path / "bad", model, opt, [1])
     assert not os.listdir(tmp_path)
     save_sharded(tmp_path / "ok", model, opt, {"step": 1})
     torch.manual_seed(5)
@@ -300,3 +314,9 @@ def test_single_process_round_trip_and_bad_extra(tmp_path):
     save_sharded(tmp_path / "ok", model, opt, {"step": 2})  # replacing a checkpoint
     assert load_sharded(tmp_path / "ok", other, other_opt) == {"step": 2}
     assert sorted(os.listdir(tmp_path)) == ["ok"]
+    # a replace interrupted between its two renames: the old checkpoint waits under .ok.replaced
+    os.rename(tmp_path / "ok", tmp_path / ".ok.replaced")
+    with pytest.raises(FileNotFoundError, match=r"ok does not exist; .*previous checkpoint at .*\.ok\.replaced"):
+        load_sharded(tmp_path / "ok", other, other_opt)
+    save_sharded(tmp_path / "ok", model, opt, {"step": 3})
+    assert sorted(os.listdir(tmp_path)) == ["ok"] and load_sharded(tmp_path / "ok", other) == {"step": 3}

@@ -139,8 +139,8 @@ def _model_class_name(model: nn.Module) -> str:
 def _plain_data_bytes(extra: dict) -> bytes:
     """``extra`` as torch.save bytes, refused unless ``torch.load(weights_only=True)`` reads it back."""
     buf = io.BytesIO()
-    torch.save(extra, buf)
     try:
+        torch.save(extra, buf)
         torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     except Exception as exc:
         raise TypeError("save_sharded: extra must be plain data (dicts, lists, tuples, str, numbers, bool, None, "
@@ -209,10 +209,12 @@ def save_sharded(path_dir: str | os.PathLike, model: nn.Module, optimizer: torch
                     "extra_keys": sorted(map(str, (extra or {}).keys())),
                     "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        if old.exists():
-            shutil.rmtree(old)
+        # at every moment a complete checkpoint is under `final` or `old` (a directory cannot be replaced
+        # in one rename); an `old` without `final` is the last good one of an interrupted replace
         if final.exists():
-            os.rename(final, old)  # a directory cannot be replaced in one rename
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
 
@@ -286,7 +288,8 @@ def load_sharded(path_dir: str | os.PathLike, model: nn.Module, optimizer: torch
             replaced = path.parent / f".{path.name}.replaced"
             hint = (f"; a save interrupted while replacing it left the previous checkpoint at {replaced}"
                     if _is_checkpoint(replaced) else "")
-            what = "does not exist" if not path.exists() else f"is not a Nexus sharded checkpoint (no {MANIFEST} and .metadata)"
+            what = ("does not exist" if not path.exists()
+                    else f"is not a Nexus sharded checkpoint (no {MANIFEST} and .metadata)")
             raise FileNotFoundError(f"load_sharded: {path} {what}{hint}")
 
     _together(f"load_sharded: checking {path}", check_exists)

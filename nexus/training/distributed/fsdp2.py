@@ -101,7 +101,8 @@ class FSDP2Config:
         if r is not None and (not isinstance(r, int) or (not isinstance(r, bool) and r < 1)):
             raise ValueError(f"FSDP2Config.reshard_after_forward must be None, a bool or an int >= 1, got {r!r}")
         if r is not None and s == "no_shard":
-            raise ValueError(f"FSDP2Config.reshard_after_forward={r!r} has no meaning with sharding_strategy='no_shard' "
+            raise ValueError(f"FSDP2Config.reshard_after_forward={r!r} has no meaning with "
+                             "sharding_strategy='no_shard' "
                              "(parameters are not sharded): leave it None")
         n = self.node_size
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -136,7 +137,7 @@ def find_blocks(model: nn.Module, blocks: Iterable[nn.Module] | None = None) -> 
     """The modules :func:`wrap_model_fsdp2` shards one by one (each gets its own all-gather).
 
     ``blocks`` given: those (each must be a submodule of ``model``). Otherwise the elements of
-    ``model.layers`` (or ``blocks``/``h``) when it is an ``nn.ModuleList``, plus those of
+    ``model.layers`` (or ``blocks``/``h``) when it is an ``nn.ModuleList`` or ``nn.ModuleDict``, plus those of
     ``model.mtp_heads`` (the MoE model's multi-token heads are transformer blocks too); failing
     that, the largest ``nn.ModuleList`` (by parameter count) not nested inside another one.
 
@@ -161,8 +162,9 @@ def find_blocks(model: nn.Module, blocks: Iterable[nn.Module] | None = None) -> 
     found = []
     for attr in _BLOCK_LIST_NAMES:
         candidate = getattr(model, attr, None)
-        if isinstance(candidate, nn.ModuleList) and len(candidate):
-            found = list(candidate)
+        if isinstance(candidate, (nn.ModuleList, nn.ModuleDict)) and len(candidate):
+            # a ModuleDict keeps layer names stable when pipeline stages delete layers (torchtitan)
+            found = list(candidate.values() if isinstance(candidate, nn.ModuleDict) else candidate)
             break
     if not found:
         top = _outermost_module_lists(model)
@@ -250,10 +252,12 @@ def wrap_model_fsdp2(model: nn.Module, config: FSDP2Config | None = None, mesh=N
     offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if config.cpu_offload else OffloadPolicy()
     common = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
     if config.sharding_strategy == "no_shard":
-        block_reshard, root_reshard = False, False
+        block_reshard = False
     else:
         block_reshard = config.block_reshard_after_forward()
-        root_reshard = block_reshard
+    # None: torch's heuristic keeps the root's parameters (embeddings, final norm, head) gathered from
+    # forward to backward, where the head is needed first; an explicit setting applies to the root too
+    root_reshard = config.reshard_after_forward
     for i, block in enumerate(found):
         reshard = block_reshard
         # the last block runs first in backward: freeing its parameters only to gather them again at once
@@ -289,9 +293,11 @@ def _resolve_mesh(config: FSDP2Config, mesh):
             raise ValueError(f"wrap_model_fsdp2: sharding_strategy={strategy!r} shards over every rank, but the mesh "
                              f"replicates over dp_replicate={replicate}: use sharding_strategy='hybrid'")
         if strategy == "no_shard" and shard > 1:
-            raise ValueError(f"wrap_model_fsdp2: sharding_strategy='no_shard' needs dp_shard=1, the mesh has dp_shard={shard}")
+            raise ValueError(f"wrap_model_fsdp2: sharding_strategy='no_shard' needs dp_shard=1, "
+                             f"the mesh has dp_shard={shard}")
         if strategy == "hybrid" and config.node_size is not None and config.node_size != shard:
-            raise ValueError(f"wrap_model_fsdp2: node_size={config.node_size} disagrees with the mesh's dp_shard={shard}")
+            raise ValueError(f"wrap_model_fsdp2: node_size={config.node_size} disagrees with the mesh's "
+                             f"dp_shard={shard}")
         if strategy in ("full", "shard_grad_op"):
             return mesh["dp_shard"]
         return mesh
