@@ -205,6 +205,21 @@ def seed_example(rank, world_size):
             "param_dtypes": {p.dtype for p in model.parameters()}}
 
 
+def meta_device_init(rank, world_size):
+    """A model built on the meta device (no memory), wrapped, then materialised shard by shard."""
+    with torch.device("meta"):
+        model = MoETransformer(MoEConfig(**CONFIG))
+    wrap_model_fsdp2(model, FSDP2Config(**FP32))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    loss = loss_of(model, global_batch(0)[rank * 2:(rank + 1) * 2])
+    loss.backward()
+    return {"loss": loss.item(), "norm": model.layers[0].mixer_norm.weight.full_tensor(),
+            "embed_std": model.embed_tokens.weight.full_tensor().std().item(),
+            "local_rows": model.embed_tokens.weight.to_local().shape[0]}
+
+
 class GatedBlock(nn.Module):
     """Uses branch a or branch b (different shapes) depending on the sign of its input: a data-dependent
     unused parameter set, the case FSDP2's reduce-scatter mismatches on unless told to send zeros."""
@@ -296,7 +311,7 @@ def full_1d_mesh_4(rank, world_size):
 # parent side
 
 CHECKS_2 = (full, shard_grad_op_offload_ac, no_shard_ac, full_offload_no_mixed_precision, balance_loss_on,
-            seed_example, unused_parameters, errors_with_a_group)
+            seed_example, meta_device_init, unused_parameters, errors_with_a_group)
 CHECKS_4 = (hybrid_from_env, hybrid_mesh_offload_ac, full_1d_mesh_4)
 
 
@@ -375,6 +390,14 @@ def test_seed_example_runs_in_bf16(two_ranks):
         assert torch.isfinite(torch.tensor(r["loss"])) and 8.5 < r["loss"] < 11.0
         assert r["logits_dtype"] == torch.bfloat16  # computed in param_dtype
         assert r["param_dtypes"] == {torch.float32}  # the sharded master weights stay fp32
+
+
+def test_meta_device_model_is_materialised_sharded(two_ranks):
+    for r in two_ranks["meta_device_init"]:
+        assert r["local_rows"] == CONFIG["vocab_size"] // 2  # each rank allocated only its shard
+        assert torch.equal(r["norm"], torch.ones(CONFIG["d_model"]))
+        assert abs(r["embed_std"] - 0.02) < 0.002  # init_std
+        assert 8.5 < r["loss"] < 11.0
 
 
 def test_unused_parameters_get_zero_gradients(two_ranks):
