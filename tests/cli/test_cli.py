@@ -94,3 +94,19 @@ def test_bench_runs_named_scripts_with_their_own_arguments(tmp_path, capsys):
     assert "probe ran Namespace()" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no benchmark named"):
         main(["bench", "missing", "--bench-dir", str(bench)])
+
+
+@pytest.mark.slow
+def test_piped_output_keeps_each_metric_line_whole(small_run):
+    """CI logs and `| tee` are 80-column non-terminals: a metric line must not wrap mid-field."""
+    path = small_run("piped")
+    path.write_text(path.read_text().replace("progress_bar: false", "progress_bar: true"))
+    env = {**__import__("os").environ, "COLUMNS": "80", "NEXUS_BACKEND": "reference"}
+    out = subprocess.run([sys.executable, "-m", "nexus", "train", "--config", str(path), "--max-steps", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    train_lines = [line for line in out.stdout.splitlines() if line.startswith("step ") and "lm_loss" in line]
+    assert len(train_lines) == 2
+    assert all(line.split(" | ")[1].startswith("lm_loss") and
+               "tokens_per_s" in line and len(line) > 80 for line in train_lines)
+    assert not [line for line in out.stdout.splitlines() if line.startswith(("lr ", "tokens_per_s", "| "))]
