@@ -12,6 +12,9 @@ its per-entry RMS is ``sqrt(1/cols)`` for a wide matrix and ``sqrt(1/rows)`` for
 the factor restores ``sqrt(1/cols)`` for tall matrices, so every layer's update has the same
 RMS per input unit and one lr serves all shapes.
 
+Sharded parameters (DTensors from FSDP2) are orthogonalized whole, each matrix on one owner rank
+(``Muon``'s docstring): plain ``Muon(...)`` and ``get_muon_optimizer(model)`` work on a wrapped model.
+
 Orthogonalization is only defined for matrices: a 2D parameter is one matrix, a 3D one a stack
 of matrices (e.g. MoE experts ``(E, d_in, d_out)``, one batched launch), a 4D convolution weight
 ``(out, in, kh, kw)`` is flattened to ``(out, in*kh*kw)``. A 1D or 0D parameter in a Muon group
@@ -32,6 +35,7 @@ from nexus_kernels.newton_schulz import _schedule as _ns_schedule
 from nexus.training.optimizers._checks import (
     check_group_betas, check_group_int, check_group_lr, check_group_non_negative, closure_loss, reject_sparse,
 )
+from nexus.training.optimizers._sharded import ShardedParams, is_dtensor, local
 from nexus.training.optimizers._state import load_state_keeping_dtypes
 
 __all__ = ["Muon", "adamw_update", "get_muon_optimizer", "muon_direction", "muon_momentum", "muon_update",
@@ -131,6 +135,14 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _orthogonalize_cost(shape: tuple[int, ...]) -> float:
+    """Newton-Schulz FLOPs up to a constant: rows * cols * min(rows, cols) per matrix."""
+    if len(shape) == 3:
+        return shape[0] * shape[1] * shape[2] * min(shape[1], shape[2])
+    rows, cols = shape[0], math.prod(shape[1:])
+    return rows * cols * min(rows, cols)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for hidden matrices, with AdamW for the groups marked ``use_muon=False``.
 
@@ -148,7 +160,17 @@ class Muon(torch.optim.Optimizer):
             averaged gradients), rank r orthogonalizes parameters r, r + world, ... of each Muon
             group and broadcasts the results, so the Newton-Schulz cost is split across ranks.
             Used only while ``torch.distributed`` is initialized; a single process ignores it.
-            Not for sharded (FSDP/DTensor) parameters.
+            Sharded (DTensor, e.g. FSDP2) parameters need no flag: see below.
+
+    Sharded parameters (FSDP2's ``fully_shard``, HSDP): detected as DTensors. Momentum is elementwise,
+    so each rank updates its own block of it (the buffer is a DTensor like the parameter, so DCP
+    saves and reshards it). The orthogonalization needs the whole matrix: each matrix has one owner
+    rank among its mesh's ranks (largest first, to the least-loaded rank), which gathers the whole
+    momentum (one all-to-all per mesh), orthogonalizes it and sends every rank its block of the
+    update (one more all-to-all): each matrix is orthogonalized exactly once, the work spread over
+    the ranks. A 3D stack sharded on its stack dimension (whole matrices per rank) is orthogonalized
+    where it lies. AdamW groups are elementwise and work on the local blocks. The result equals the
+    single-process step on the same full gradients.
 
     Example::
 
@@ -164,6 +186,11 @@ class Muon(torch.optim.Optimizer):
                         distribute_work=distribute_work)
         _validate(defaults, where="Muon")
         super().__init__(params, defaults)
+
+    @property
+    def _sharded(self) -> ShardedParams:
+        # made on first use (not pickled with the optimizer: it holds process groups)
+        return self.__dict__.setdefault("_sharded_params", ShardedParams())
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -186,25 +213,45 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 reject_sparse("Muon", p.grad, hint="use dense gradients, e.g. nn.Embedding(sparse=False)")
+                if is_dtensor(p) != is_dtensor(p.grad):
+                    raise ValueError(f"Muon: parameter of shape {tuple(p.shape)} and its gradient must both be "
+                                     "DTensors or both plain tensors")
             updates = self._muon_updates(params, group) if group["use_muon"] else self._adamw_updates(params, group)
             for p, update in zip(params, updates):
+                weights = local(p)  # a DTensor's own block: the updates below are of that block
                 if group["weight_decay"] != 0.0:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                    weights.mul_(1.0 - group["lr"] * group["weight_decay"])
+                weights.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss
 
     def _muon_updates(self, params: list[Tensor], group: dict) -> list[Tensor]:
+        """This rank's block of each parameter's update: plain params as ``distribute_work`` says,
+        sharded (DTensor) ones orthogonalized whole, each on one owner rank (``_sharded_updates``)."""
+        moments = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:  # a DTensor like p for a sharded p (DCP saves it sharded)
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p))
+            # momentum is elementwise: each rank updates its own block
+            moments.append(muon_momentum(local(p.grad), local(state["momentum_buffer"]),
+                                         momentum=group["momentum"], nesterov=group["nesterov"]))
+        updates: list[Tensor | None] = [None] * len(params)
+        plain = [i for i, p in enumerate(params) if not is_dtensor(p)]
+        for i, update in zip(plain, self._plain_updates([moments[i] for i in plain], group)):
+            updates[i] = update
+        sharded = [i for i, p in enumerate(params) if is_dtensor(p)]
+        if sharded:
+            for i, update in self._sharded_updates([params[i] for i in sharded], [moments[i] for i in sharded],
+                                                   group).items():
+                updates[sharded[i]] = update
+        return updates
+
+    def _plain_updates(self, moments: list[Tensor], group: dict) -> list[Tensor]:
         world, rank = 1, 0
         if group["distribute_work"] and dist.is_available() and dist.is_initialized():
             world, rank = dist.get_world_size(), dist.get_rank()
         updates, pending = [], []
-        for i, p in enumerate(params):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p))
-            # momentum on every rank (cheap, keeps every rank's state whole); NS on the owner only
-            U = muon_momentum(p.grad, state["momentum_buffer"], momentum=group["momentum"],
-                              nesterov=group["nesterov"])
+        for i, U in enumerate(moments):
             owner = i % world
             if owner == rank:
                 update = muon_direction(U, ns_steps=group["ns_steps"], coeffs=group["coeffs"])
@@ -217,7 +264,37 @@ class Muon(torch.optim.Optimizer):
             work.wait()
         return updates
 
+    def _sharded_updates(self, params: list[Tensor], moments: list[Tensor], group: dict) -> dict[int, Tensor]:
+        """``{i: this rank's block of params[i]'s update}`` for DTensor params with local momenta ``moments``.
+
+        A stack of matrices split by whole matrices (3D, sharded on dim 0 only, not replicated: MoE
+        experts) is orthogonalized where it lies, each rank its own matrices. Every other matrix is
+        gathered whole on one owner rank, orthogonalized there and scattered back (see ``_sharded``).
+        """
+        sharded = self._sharded
+        settings = dict(ns_steps=group["ns_steps"], coeffs=group["coeffs"])
+        updates, whole = {}, []
+        for i, (p, U) in enumerate(zip(params, moments)):
+            if p.dim() == 3 and sharded.layout(p).shards_only_dim0():
+                updates[i] = muon_direction(U, **settings)
+            else:
+                whole.append(i)
+        if not whole:
+            return updates
+        # owners over every gathered matrix of the group, so that they stay put when a gradient is missing
+        candidates = [p for p in group["params"] if is_dtensor(p)
+                      and not (p.dim() == 3 and sharded.layout(p).shards_only_dim0())]
+        owners = sharded.owners(candidates, _orthogonalize_cost)
+        gathered = [params[i] for i in whole]
+        for job, indices in sharded.buckets(gathered, owners, _state_dtype):
+            full = job.gather([moments[whole[j]] for j in indices])
+            directions = {k: muon_direction(U, **settings) for k, U in full.items()}
+            for k, block in job.scatter(directions).items():
+                updates[whole[indices[k]]] = block
+        return updates
+
     def _adamw_updates(self, params: list[Tensor], group: dict) -> list[Tensor]:
+        """Elementwise AdamW; a sharded parameter's moments are DTensors like it, updated block by block."""
         updates = []
         for p in params:
             state = self.state[p]
@@ -226,8 +303,8 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
             state["step"] += 1
-            updates.append(adamw_update(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                        betas=group["betas"], eps=group["eps"]))
+            updates.append(adamw_update(local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
+                                        state["step"], betas=group["betas"], eps=group["eps"]))
         return updates
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -18,6 +18,8 @@ Q <- qr(L Q). Keeping both moments consistent with that change:
 The first basis comes from ``eigh`` of the first gradient's statistics; that first step only
 builds the preconditioner and leaves the parameter unchanged, as in the authors' code.
 
+Sharded (DTensor) matrices are preconditioned whole, each on one owner rank (``SOAP``'s docstring).
+
 A dimension larger than ``max_precond_dim`` is left unpreconditioned (identity on that side);
 1D parameters, and matrices with both sides unpreconditioned, get plain Adam (from step one).
 Parameters with more than two dims are treated as ``(shape[0], prod(rest))`` matrices.
@@ -34,6 +36,7 @@ from nexus_kernels.soap import project, project_back, update_preconditioners
 from nexus.training.optimizers._checks import (
     check_group_betas, check_group_int, check_group_lr, check_group_non_negative, closure_loss, reject_sparse,
 )
+from nexus.training.optimizers._sharded import ShardedParams, is_dtensor, local
 from nexus.training.optimizers._state import load_state_keeping_dtypes
 
 __all__ = ["SOAP", "initial_basis", "refresh_basis", "soap_direction"]
@@ -102,6 +105,24 @@ def _as_matrix(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
 
 
+def _matrix_dims(shape) -> tuple[int, int]:
+    return shape[0], math.prod(shape[1:])
+
+
+def _preconditioned(shape, max_precond_dim: int) -> bool:
+    """A matrix (2+ dims) with at least one side small enough for a preconditioner."""
+    if len(shape) < 2:
+        return False
+    m, n = _matrix_dims(shape)
+    return m <= max_precond_dim or n <= max_precond_dim
+
+
+def _soap_cost(shape) -> float:
+    """Work per step up to a constant: the (m, n) projections, and the eigen-refreshes' m^3 + n^3."""
+    m, n = _matrix_dims(shape)
+    return m * n * (m + n) + m**3 + n**3
+
+
 class SOAP(torch.optim.Optimizer):
     """ShampoO with Adam in the Preconditioner's eigenbasis.
 
@@ -118,7 +139,22 @@ class SOAP(torch.optim.Optimizer):
 
     State per matrix parameter (float32, float64 for float64 parameters): ``exp_avg``,
     ``exp_avg_sq`` (eigenbasis, ``(m, n)``), ``L``/``QL`` ``(m, m)`` and ``R``/``QR`` ``(n, n)``
-    for the preconditioned sides, ``step``.
+    for the preconditioned sides, ``step``. Unpreconditioned parameters: ``exp_avg``,
+    ``exp_avg_sq`` shaped like the parameter, ``step``.
+
+    Sharded parameters (DTensors, e.g. FSDP2's ``fully_shard``): detected, no flag. The rotation,
+    L, R and the eigenbases are functions of the whole matrix, so each sharded matrix has one owner
+    rank among its mesh's ranks (largest work first, to the least-loaded rank): every step the
+    owner gathers the whole gradient (one all-to-all per mesh), runs the step above and sends each
+    rank its block of the direction (one more all-to-all); every rank applies its block and decays
+    it. The owner alone keeps that matrix's state, as whole plain tensors; the other ranks keep only
+    ``step``. Why owner-held rather than replicated on every rank: the state is 2mn + 2m^2 + 2n^2
+    floats per matrix (several times the parameter) and the eigen-refreshes cost O(m^3 + n^3), so
+    replicating both would multiply SOAP's memory and its most expensive work by the world size;
+    with owners the ranks split both. Checkpoints: ``torch.distributed.checkpoint`` saves each
+    entry from the rank that holds it (whole tensors, so they load onto whichever rank owns the
+    matrix at another world size); a rank's own ``state_dict()`` resumes at the same world size.
+    Unpreconditioned parameters are elementwise Adam on each rank's block, moments as DTensors.
 
     Example::
 
@@ -135,6 +171,11 @@ class SOAP(torch.optim.Optimizer):
         _validate(defaults, "SOAP")
         super().__init__(params, defaults)
 
+    @property
+    def _sharded(self) -> ShardedParams:
+        # made on first use (not pickled with the optimizer: it holds process groups)
+        return self.__dict__.setdefault("_sharded_params", ShardedParams())
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         _validate(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
@@ -144,52 +185,110 @@ class SOAP(torch.optim.Optimizer):
         """One step for every parameter with a gradient; returns ``closure()``'s loss if given."""
         loss = closure_loss(closure)
         for group in self.param_groups:
+            sharded = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 reject_sparse("SOAP", p.grad)
-                self._step_param(p, group)
+                if is_dtensor(p) != is_dtensor(p.grad):
+                    raise ValueError(f"SOAP: parameter of shape {tuple(p.shape)} and its gradient must both be "
+                                     "DTensors or both plain tensors")
+                if not _preconditioned(p.shape, group["max_precond_dim"]):
+                    self._adam_step(p, group)
+                elif is_dtensor(p):
+                    sharded.append(p)
+                else:
+                    direction = self._matrix_direction(self.state[p], _as_matrix(p.grad.to(_state_dtype(p))), group)
+                    if direction is not None:
+                        self._apply(p, direction, group)
+            if sharded:
+                self._sharded_step(sharded, group)
         return loss
 
-    def _step_param(self, p: Tensor, group: dict) -> None:
+    def _adam_step(self, p: Tensor, group: dict) -> None:
+        """Plain Adam (no preconditioner: 1D, or both sides above max_precond_dim), elementwise, so a
+        sharded parameter's rank updates its own block; moments shaped like p (DTensors for a DTensor)."""
         state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
+        state["step"] += 1
+        grad = local(p.grad).to(_state_dtype(p)).reshape(1, -1)
+        # reshape: states saved as (1, n) or (m, n) by earlier versions load as they are
+        direction = soap_direction(grad, local(state["exp_avg"]).view(1, -1), local(state["exp_avg_sq"]).view(1, -1),
+                                   None, None, betas=group["betas"], eps=group["eps"])
+        self._apply(p, direction, group)
+
+    def _matrix_direction(self, state: dict, g: Tensor, group: dict) -> Tensor | None:
+        """SOAP on one whole ``(m, n)`` gradient ``g`` (state dtype): moments, statistics, bases in
+        ``state``; returns the ``(m, n)`` direction, or None on the first step (it only builds the bases)."""
         beta1, beta2 = group["betas"]
         shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
-        dtype = _state_dtype(p)
-        grad = p.grad.to(dtype)
-        matrix = p.dim() >= 2
-        g = _as_matrix(grad) if matrix else grad.reshape(1, -1)
         m, n = g.shape
         if "step" not in state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros(m, n, device=p.device, dtype=dtype)
-            state["exp_avg_sq"] = torch.zeros(m, n, device=p.device, dtype=dtype)
-            if matrix and m <= group["max_precond_dim"]:
-                state["L"] = torch.zeros(m, m, device=p.device, dtype=dtype)
-            if matrix and n <= group["max_precond_dim"]:
-                state["R"] = torch.zeros(n, n, device=p.device, dtype=dtype)
-            if "L" in state or "R" in state:
-                # first step: statistics and eigenbases only (the authors' code does the same)
-                update_preconditioners(state.get("L"), state.get("R"), g, shampoo_beta)
-                for side in ("L", "R"):
-                    if side in state:
-                        state["Q" + side] = initial_basis(state[side])
-                return
+            state["exp_avg"] = torch.zeros(m, n, device=g.device, dtype=g.dtype)
+            state["exp_avg_sq"] = torch.zeros(m, n, device=g.device, dtype=g.dtype)
+            if m <= group["max_precond_dim"]:
+                state["L"] = torch.zeros(m, m, device=g.device, dtype=g.dtype)
+            if n <= group["max_precond_dim"]:
+                state["R"] = torch.zeros(n, n, device=g.device, dtype=g.dtype)
+            # first step: statistics and eigenbases only (the authors' code does the same)
+            update_preconditioners(state.get("L"), state.get("R"), g, shampoo_beta)
+            for side in ("L", "R"):
+                if side in state:
+                    state["Q" + side] = initial_basis(state[side])
+            return None
+        if "exp_avg" not in state:
+            raise RuntimeError(
+                f"SOAP: the state of a {m}x{n} matrix has a step count but no statistics on the rank that "
+                "updates it: a sharded matrix's statistics live whole on its owner rank; load optimizer state "
+                "with torch.distributed.checkpoint (get_state_dict/set_state_dict), which gives each rank "
+                "the entries it owns")
         state["step"] += 1
-        t = state["step"]
-        QL, QR = state.get("QL"), state.get("QR")
-        direction = soap_direction(g, state["exp_avg"], state["exp_avg_sq"], QL, QR,
+        direction = soap_direction(g, state["exp_avg"], state["exp_avg_sq"], state.get("QL"), state.get("QR"),
                                    betas=(beta1, beta2), eps=group["eps"])
+        update_preconditioners(state.get("L"), state.get("R"), g, shampoo_beta)
+        if state["step"] % group["precondition_frequency"] == 0:
+            self._refresh(state)
+        return direction
+
+    def _apply(self, p: Tensor, direction: Tensor, group: dict) -> None:
+        """``W <- W - lr_t direction``, then decoupled decay, on this rank's block of ``p``."""
+        beta1, beta2 = group["betas"]
+        t = self.state[p]["step"]
         step_size = group["lr"]
         if group["correct_bias"]:
             step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-        p.add_(direction.reshape(p.shape).to(p.dtype), alpha=-step_size)
+        weights = local(p)
+        weights.add_(direction.reshape(weights.shape).to(p.dtype), alpha=-step_size)
         if group["weight_decay"] != 0.0:
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        if "L" in state or "R" in state:
-            update_preconditioners(state.get("L"), state.get("R"), g, shampoo_beta)
-            if t % group["precondition_frequency"] == 0:
-                self._refresh(state)
+            weights.mul_(1.0 - group["lr"] * group["weight_decay"])
+
+    def _sharded_step(self, params: list[Tensor], group: dict) -> None:
+        """SOAP on DTensor matrices: each matrix's whole gradient is gathered on its owner rank, which
+        keeps that matrix's whole state (moments, L, R, QL, QR) and computes its direction; every rank
+        gets its block of the direction back and applies it (see the class docstring)."""
+        sharded = self._sharded
+        owners = sharded.owners([p for p in group["params"] if is_dtensor(p)
+                                 and _preconditioned(p.shape, group["max_precond_dim"])], _soap_cost)
+        for job, indices in sharded.buckets(params, owners, _state_dtype):
+            whole = job.gather([local(params[i].grad).to(job.dtype) for i in indices])
+            directions = {}
+            for k in job.owned:
+                direction = self._matrix_direction(self.state[params[indices[k]]], _as_matrix(whole[k]), group)
+                if direction is not None:
+                    directions[k] = direction.reshape(job.layouts[k].shape)
+            updating = []
+            for k, i in enumerate(indices):
+                state = self.state[params[i]]
+                if k not in job.owned:  # the step count is kept on every rank: it sets lr_t and the first step
+                    state["step"] = state["step"] + 1 if "step" in state else 0
+                if state["step"] > 0:
+                    updating.append(k)
+            for k, block in job.scatter(directions, updating).items():
+                self._apply(params[indices[k]], block, group)
 
     @staticmethod
     def _refresh(state: dict) -> None:
