@@ -6,6 +6,16 @@ previous steps ("delayed scaling"), so the scale is known before the tensor is c
 in ``torch._scaled_mm`` (fp8 inputs, fp32 accumulation), on CPU too; where it cannot run (CUDA
 shapes not multiples of 16, E5M2 x E5M2 on CUDA, devices without fp8 GEMMs) the same numerics are
 emulated: dequantize the fp8 operands and matmul in fp32.
+
+Data parallelism (DDP, FSDP2): each rank sees its own slice of the batch, so its input and
+gradient amaxes differ. Left alone, the ranks' histories and scales would diverge and the ranks
+would quantize with different scales. Instead each amax is all-reduced (MAX) over the
+data-parallel group where it is computed (training mode): every rank then holds the same
+histories and scales, those of one process on the whole batch (its amax is the max over the
+slices), and each rank's quantized operands are bit-identical to that process's rows. The group
+is the default one unless :func:`set_amax_reduction` names another (under pipeline parallelism it
+must: the ranks of one stage, not the whole world). Under FSDP2 the forward sees the all-gathered
+weight as a plain tensor; a DTensor weight (tensor parallelism) is refused.
 """
 from __future__ import annotations
 
@@ -13,6 +23,7 @@ import enum
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = [
@@ -22,6 +33,7 @@ __all__ = [
     "fp8_linear",
     "quantize_fp8",
     "replace_linears",
+    "set_amax_reduction",
 ]
 
 
@@ -66,6 +78,29 @@ def _scale_from_history(
     scale = _fp8_max(fp8_dtype) / amax / (2.0**margin)
     # A zero (or non-finite) amax gives no information: keep unit scale.
     return torch.where(torch.isfinite(scale) & (amax > 0), scale, torch.ones_like(scale))
+
+
+def reduce_amax_(amax: torch.Tensor, group=None) -> torch.Tensor:
+    """All-reduce (MAX) ``amax`` in place over ``group`` (None: the default group) when torch.distributed
+    is initialized; a single process returns it unchanged. amax: float32 tensor of any shape.
+
+    Example: ``amaxes = reduce_amax_(torch.stack([x.abs().amax(), w.abs().amax()]).float())``
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    return amax
+
+
+def check_not_dtensor(layer: str, weight: torch.Tensor) -> None:
+    """Refuse a DTensor weight: FSDP2 hands the forward a gathered plain tensor; a DTensor means tensor
+    parallelism, whose sharded GEMM operands would each need their own scales."""
+    if dist.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            raise ValueError(f"{layer}: the weight is a DTensor ({weight.placements}): low-precision layers "
+                             "do not support tensor parallelism; convert only layers that tensor parallelism "
+                             "leaves whole (FSDP2 alone gathers weights to plain tensors and is supported)")
 
 
 def _record_amax(history: torch.Tensor, amax: torch.Tensor) -> None:
@@ -119,14 +154,20 @@ def _fp8_matmul(
 
 
 class _FP8LinearFunction(torch.autograd.Function):
-    """y = x @ W^T + b with x, W cast to the forward fp8 format and dy cast to the backward format."""
+    """y = x @ W^T + b with x, W cast to the forward fp8 format and dy cast to the backward format.
+
+    ``reduce_group``: False (no amax reduction) or the group to all-reduce the amaxes over (None: the
+    default group); reduced only where they are recorded (``update``) or used just in time (no history)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, fp8_format, histories, margin, algo, update):
+    def forward(ctx, x, weight, bias, fp8_format, histories, margin, algo, update, reduce_group):
         fwd, bwd = fp8_format.forward_dtype, fp8_format.backward_dtype
         hx, hw, hg = histories if histories is not None else (None, None, None)
         x2 = x.reshape(-1, x.shape[-1])
         amax_x, amax_w = x2.detach().abs().amax() if x2.numel() else x2.new_zeros(()), weight.detach().abs().amax()
+        reduce = reduce_group is not False and (update or histories is None)
+        if reduce:  # one collective for both (float32 holds any 16-bit amax exactly)
+            amax_x, amax_w = reduce_amax_(torch.stack([amax_x.float(), amax_w.float()]), reduce_group).unbind()
         sx = _scale_from_history(hx, amax_x, fwd, margin, algo)
         sw = _scale_from_history(hw, amax_w, fwd, margin, algo)
         xq, wq = quantize_fp8(x2, sx, fwd), quantize_fp8(weight, sw, fwd)
@@ -138,15 +179,18 @@ class _FP8LinearFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(out_dtype)
         ctx.save_for_backward(xq, wq, sx, sw)
-        ctx.meta = (bwd, hg, margin, algo, update, x.shape, x.dtype, weight.dtype, bias is not None)
+        ctx.meta = (bwd, hg, margin, algo, update, x.shape, x.dtype, weight.dtype, bias is not None,
+                    reduce_group if reduce else False)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         xq, wq, sx, sw = ctx.saved_tensors
-        bwd, hg, margin, algo, update, x_shape, x_dtype, w_dtype, has_bias = ctx.meta
+        bwd, hg, margin, algo, update, x_shape, x_dtype, w_dtype, has_bias, reduce_group = ctx.meta
         dy2 = dy.reshape(-1, dy.shape[-1])
         amax_g = dy2.abs().amax() if dy2.numel() else dy2.new_zeros(())
+        if reduce_group is not False:
+            amax_g = reduce_amax_(amax_g.float().reshape(1), reduce_group)[0]
         sg = _scale_from_history(hg, amax_g, bwd, margin, algo)
         gq = quantize_fp8(dy2, sg, bwd)
         if update and hg is not None:
@@ -158,7 +202,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             dw = _fp8_matmul(gq.t(), sg, xq, sx, torch.float32).to(w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(w_dtype)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def fp8_linear(
@@ -171,12 +215,17 @@ def fp8_linear(
     margin: int = 0,
     amax_compute_algo: str = "max",
     update_history: bool = True,
+    reduce_amax: bool = False,
+    amax_group=None,
 ) -> torch.Tensor:
     """FP8 linear ``x @ weight.T + bias`` with per-tensor scaling; differentiable.
 
-    x: [..., K] float; weight: [N, K]; bias: [N] or None; returns [..., N] in x's dtype (fp32 for
-    other dtypes). ``amax_histories`` = (input, weight, grad_output) float32 [L] buffers for delayed
-    scaling, updated in place when ``update_history``; None scales each tensor by its current amax.
+    x: [..., K] float; weight: [N, K] (a plain tensor, not a DTensor); bias: [N] or None; returns
+    [..., N] in x's dtype (fp32 for other dtypes). ``amax_histories`` = (input, weight, grad_output)
+    float32 [L] buffers for delayed scaling, updated in place when ``update_history``; None scales each
+    tensor by its current amax. ``reduce_amax`` (FP8Linear turns it on): under torch.distributed,
+    all-reduce (MAX) each amax that is recorded or used just in time over ``amax_group`` (a
+    ProcessGroup; None: the default group), so that data-parallel ranks share scales (module docstring).
     Example: ``y = fp8_linear(torch.randn(8, 64), torch.randn(32, 64), fp8_format=FP8Format.E4M3)``
              ``y.shape == (8, 32)``
     """
@@ -186,8 +235,10 @@ def fp8_linear(
         raise ValueError(f"fp8_format must be an FP8Format, got {fp8_format!r}")
     if amax_compute_algo not in AMAX_ALGOS:
         raise ValueError(f"amax_compute_algo must be one of {AMAX_ALGOS}, got {amax_compute_algo!r}")
+    check_not_dtensor("fp8_linear", weight)
+    reduce_group = amax_group if reduce_amax and dist.is_available() and dist.is_initialized() else False
     return _FP8LinearFunction.apply(
-        x, weight, bias, fp8_format, amax_histories, margin, amax_compute_algo, update_history
+        x, weight, bias, fp8_format, amax_histories, margin, amax_compute_algo, update_history, reduce_group
     )
 
 
@@ -197,7 +248,8 @@ class FP8Linear(nn.Linear):
     Parameters stay in their dtype (fp32 master weights); each forward casts input and weight to the
     forward format, each backward casts the output gradient to the backward format. Buffers
     ``amax_history_{input,weight,grad_output}`` [amax_history_len] hold the past amaxes (newest first);
-    they update in training mode only.
+    they update in training mode only, with each amax all-reduced (MAX) over ``amax_group`` (None: the
+    default group) under torch.distributed while ``reduce_amax`` (see :func:`set_amax_reduction`).
     Example: ``layer = FP8Linear(768, 3072, fp8_format=FP8Format.HYBRID)``
              ``y = layer(torch.randn(4, 768))  # [4, 3072] float32``
     """
@@ -228,6 +280,8 @@ class FP8Linear(nn.Linear):
         self.amax_history_len = amax_history_len
         self.amax_compute_algo = amax_compute_algo
         self.margin = margin
+        self.reduce_amax = True
+        self.amax_group = None
         for name in ("input", "weight", "grad_output"):
             self.register_buffer(
                 f"amax_history_{name}", torch.zeros(amax_history_len, dtype=torch.float32, device=device)
@@ -247,10 +301,42 @@ class FP8Linear(nn.Linear):
             margin=self.margin,
             amax_compute_algo=self.amax_compute_algo,
             update_history=self.training,
+            reduce_amax=self.reduce_amax,
+            amax_group=self.amax_group,
         )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8_format={self.fp8_format.name}, amax_history_len={self.amax_history_len}"
+
+
+def set_amax_reduction(model: nn.Module, group=None, *, enabled: bool = True) -> nn.Module:
+    """Choose where the low-precision layers of ``model`` all-reduce their amaxes; returns ``model``.
+
+    group: None (the default group), a ``ProcessGroup``, or a 1-D ``DeviceMesh``: the ranks that hold
+    the same layers and see different data (data-parallel, and tensor/context-parallel ranks of one
+    pipeline stage). enabled=False: no reduction (each rank keeps its own scales). Applies to
+    :class:`FP8Linear` (delayed-scaling histories) and to MX/FP4 layers with per-tensor scales.
+    Example: ``set_amax_reduction(model, mesh["dp_shard"])``
+             ``set_amax_reduction(model, enabled=False)``
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_amax_reduction: enabled must be a bool, got {enabled!r}")
+    if group is not None and dist.is_available():
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if isinstance(group, DeviceMesh):
+            if group.ndim != 1:
+                raise ValueError(f"set_amax_reduction: a {group.ndim}-D DeviceMesh spans several groups; pass a "
+                                 "1-D mesh (e.g. mesh['dp_shard'], or mesh[dims]._flatten()) or its ProcessGroup")
+            group = group.get_group()
+        elif not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"set_amax_reduction: group must be None, a ProcessGroup or a 1-D DeviceMesh, "
+                            f"got {type(group).__name__}")
+    for module in model.modules():
+        if hasattr(module, "amax_group") and hasattr(module, "reduce_amax"):
+            module.amax_group = group
+            module.reduce_amax = enabled
+    return model
 
 
 DEFAULT_SKIP = ("lm_head", "output", "head")

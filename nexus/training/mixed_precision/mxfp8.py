@@ -6,6 +6,17 @@ dx = dy W over N (dy, W blocked along N), dW = dy^T x over tokens (dy, x blocked
 Forward operands use E4M3, output gradients E5M2. The GEMM itself is emulated on every device:
 dequantize the MX operands, then an fp32 matmul (exact products, fp32 accumulation), which is
 what MX hardware computes up to accumulation order.
+
+Data parallelism (DDP, FSDP2): block scales are computed per block of the operand being cast, so
+nothing needs to agree across ranks for blocks along K or N (one row each) or for the weight
+(FSDP2 gathers it whole before forward; a DTensor weight, from tensor parallelism, is refused).
+dW's blocks run along the tokens: they match one process on the whole batch when each rank's
+token count is a multiple of ``block_size`` (rank slices then start on block boundaries); otherwise
+the blocks are cut differently, an equally valid MX rounding. Per-tensor scaling (``block_size``
+None, FP4 without microscaling) uses the tensor's amax: in training it is all-reduced (MAX) over
+the layer's ``amax_group`` (see ``fp8.set_amax_reduction``), so every rank scales as one process
+on the whole batch. Stochastic rounding seeds are offset by the global rank, so data-parallel
+ranks (which draw the same seeds from identically seeded generators) round independently.
 """
 from __future__ import annotations
 
@@ -13,11 +24,18 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import nexus_kernels
 from nexus_kernels.formats import get_format
-from nexus.training.mixed_precision.fp8 import DEFAULT_SKIP, _adopt_parameters, replace_linears
+from nexus.training.mixed_precision.fp8 import (
+    DEFAULT_SKIP,
+    _adopt_parameters,
+    check_not_dtensor,
+    reduce_amax_,
+    replace_linears,
+)
 
 __all__ = [
     "MXFP8Config",
@@ -41,10 +59,18 @@ def _check_config(config, flags: tuple[str, ...]) -> None:
             raise ValueError(f"{name} must be a bool, got {getattr(config, name)!r}")
 
 
+# Added per global rank to stochastic-rounding seeds (odd, ~2**32 / golden ratio): distinct hash keys per rank.
+_RANK_SEED_STRIDE = 0x9E3779B1
+
+
 def _fresh_seed(device: torch.device) -> torch.Tensor:
     """A 0-d int64 seed drawn on ``device`` from torch's generator (``torch.manual_seed`` makes runs
-    repeatable); a tensor, so neither a host sync nor a graph break under ``torch.compile``."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    repeatable); a tensor, so neither a host sync nor a graph break under ``torch.compile``. Under
+    torch.distributed it is offset by the global rank: ranks seeded alike still round independently."""
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        seed = seed + dist.get_rank() * _RANK_SEED_STRIDE
+    return seed
 
 
 def mx_quantize_dequantize(
@@ -55,11 +81,13 @@ def mx_quantize_dequantize(
     dim: int = -1,
     rounding: str = "nearest",
     seed: int | torch.Tensor | None = None,
+    amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round ``x`` to the values an MX tensor (blocks along ``dim``) can hold; same shape and dtype.
 
     elem: "e4m3" | "e5m2" | "e2m1". block_size None means one float32 scale for the whole tensor
-    (amax / element max) instead of E8M0 block scales. rounding: "nearest" (OCP MX exactly) or
+    (amax / element max) instead of E8M0 block scales; ``amax`` (a float32 scalar, block_size None
+    only) overrides x's own amax, e.g. the max over data-parallel ranks. rounding: "nearest" (OCP MX exactly) or
     "stochastic": unbiased, E[result] = x. The OCP scale maps a block's amax into
     [2**emax, 2**(emax+1)), above max_normal for some blocks, and saturation there would bias the
     rounding; so stochastic rounding also multiplies each block by max_normal / 2**(emax+1)
@@ -69,12 +97,14 @@ def mx_quantize_dequantize(
     Example: ``xq = mx_quantize_dequantize(torch.randn(4, 64), "e4m3", 32)``
              ``xs = mx_quantize_dequantize(g, "e2m1", 32, rounding="stochastic", seed=0)``
     """
+    if amax is not None and block_size is not None:
+        raise ValueError(f"amax applies to per-tensor scaling (block_size None), not to blocks of {block_size}")
     if x.numel() == 0:
         return x.clone()
     fmt = get_format(elem)
     moved = x.movedim(dim, -1).contiguous()
     if block_size is None:
-        amax = moved.detach().abs().amax().float()
+        amax = moved.detach().abs().amax().float() if amax is None else amax.detach().float().reshape(())
         scale = torch.where(amax > 0, amax / fmt.max_normal, torch.ones_like(amax))
         q = nexus_kernels.cast_to_fp(moved.float() / scale, elem, rounding=rounding, seed=seed) * scale
     elif rounding == "stochastic":
@@ -113,46 +143,61 @@ class MXSpec:
 
 
 class _MXLinearFunction(torch.autograd.Function):
-    """y = Q(x) Q(W)^T + b; backward with Q along each GEMM's reduction dimension (see module doc)."""
+    """y = Q(x) Q(W)^T + b; backward with Q along each GEMM's reduction dimension (see module doc).
+
+    ``reduce_group``: False, or the group (None: default) over which per-tensor amaxes are all-reduced."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec, weight_is_quantized):
+    def forward(ctx, x, weight, bias, spec, weight_is_quantized, reduce_group):
         x2 = x.reshape(-1, x.shape[-1])
-        xq = mx_quantize_dequantize(x2, spec.forward_elem, spec.block_size).float()
+        amax_x = amax_w = None
+        if spec.block_size is None and reduce_group is not False:  # one scale per tensor: the global one
+            amax_x = x2.detach().abs().amax().float() if x2.numel() else x2.new_zeros((), dtype=torch.float32)
+            amax_x, amax_w = reduce_amax_(torch.stack([amax_x, weight.detach().abs().amax().float()]),
+                                          reduce_group).unbind()
+        xq = mx_quantize_dequantize(x2, spec.forward_elem, spec.block_size, amax=amax_x).float()
         # A packed weight is already on the MX grid (re-quantizing would return it unchanged).
-        wq = weight.float() if weight_is_quantized else mx_quantize_dequantize(weight, spec.forward_elem, spec.block_size).float()
+        wq = (weight.float() if weight_is_quantized
+              else mx_quantize_dequantize(weight, spec.forward_elem, spec.block_size, amax=amax_w).float())
         y = xq @ wq.t()
         if bias is not None:
             y = y + bias.float()
         ctx.save_for_backward(x2, weight)
         ctx.spec, ctx.x_shape, ctx.has_bias = spec, x.shape, bias is not None
+        ctx.amaxes, ctx.reduce_group = (amax_x, amax_w), reduce_group
         return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
         spec = ctx.spec
+        amax_x, amax_w = ctx.amaxes
         dy2 = dy.reshape(-1, dy.shape[-1]).float()
         fwd, bwd, bs = spec.forward_elem, spec.backward_elem, spec.block_size
+        amax_g = None
+        if bs is None and ctx.reduce_group is not False and spec.quantize_gradients:
+            amax_g = reduce_amax_(dy2.abs().amax().reshape(1) if dy2.numel() else dy2.new_zeros(1),
+                                  ctx.reduce_group)[0]
 
         def grad_q(t: torch.Tensor, dim: int) -> torch.Tensor:
             if not spec.quantize_gradients:
                 return t
             seed = _fresh_seed(t.device) if spec.gradient_rounding == "stochastic" else None
-            return mx_quantize_dequantize(t, bwd, bs, dim=dim, rounding=spec.gradient_rounding, seed=seed)
+            return mx_quantize_dequantize(t, bwd, bs, dim=dim, rounding=spec.gradient_rounding, seed=seed,
+                                          amax=amax_g)
 
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             # dx = dy @ W reduces over N: dy blocked along its last dim, W along dim 0.
-            w_n = mx_quantize_dequantize(weight, fwd, bs, dim=0).float()
+            w_n = mx_quantize_dequantize(weight, fwd, bs, dim=0, amax=amax_w).float()
             dx = (grad_q(dy2, -1) @ w_n).to(x2.dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             # dW = dy^T @ x reduces over tokens: both blocked along dim 0.
-            x_m = mx_quantize_dequantize(x2, fwd, bs, dim=0).float()
+            x_m = mx_quantize_dequantize(x2, fwd, bs, dim=0, amax=amax_x).float()
             dw = (grad_q(dy2, 0).t() @ x_m).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(weight.dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 def mx_linear(
@@ -162,17 +207,23 @@ def mx_linear(
     spec: MXSpec,
     *,
     weight_is_quantized: bool = False,
+    reduce_amax: bool = False,
+    amax_group=None,
 ) -> torch.Tensor:
     """Block-scaled low-precision linear ``x @ weight.T + bias``, differentiable (emulated GEMM).
 
-    x: [..., K] float; weight: [N, K]; bias: [N] or None; returns [..., N] in x's dtype.
-    ``weight_is_quantized``: the weight already holds MX values blocked along K (skips one cast).
+    x: [..., K] float; weight: [N, K] (a plain tensor, not a DTensor); bias: [N] or None; returns
+    [..., N] in x's dtype. ``weight_is_quantized``: the weight already holds MX values blocked along K
+    (skips one cast). ``reduce_amax`` (per-tensor scaling only): under torch.distributed, all-reduce
+    (MAX) the amaxes of x, the weight and dy over ``amax_group`` (None: the default group).
     Example: ``y = mx_linear(torch.randn(8, 64), torch.randn(32, 64), None, MXSpec("e4m3", "e5m2", 32))``
              ``y.shape == (8, 32)``
     """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but weight expects {weight.shape[1]}")
-    return _MXLinearFunction.apply(x, weight, bias, spec, weight_is_quantized)
+    check_not_dtensor("mx_linear", weight)
+    reduce_group = amax_group if reduce_amax and dist.is_available() and dist.is_initialized() else False
+    return _MXLinearFunction.apply(x, weight, bias, spec, weight_is_quantized, reduce_group)
 
 
 class MXLinearBase(nn.Linear):
@@ -182,6 +233,8 @@ class MXLinearBase(nn.Linear):
     two per byte) and ``weight_scales`` (uint8 E8M0, or one float32 scale without microscaling):
     the layer is then frozen (the input still gets gradients) and its ``state_dict`` is small.
     ``unpack_weights()`` restores a trainable float weight holding the quantized values.
+    With per-tensor scaling (block_size None) training forwards all-reduce their amaxes over
+    ``amax_group`` while ``reduce_amax`` (see ``fp8.set_amax_reduction``; module docstring).
     """
 
     spec: MXSpec
@@ -204,15 +257,19 @@ class MXLinearBase(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.config = config
         self.spec = config.spec
+        self.reduce_amax = True
+        self.amax_group = None
 
     @property
     def packed(self) -> bool:
         return "weight_elements" in self._buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # eval forwards keep their own scales: a rank evaluating alone must not wait for its peers
+        reduce = dict(reduce_amax=self.reduce_amax and self.training, amax_group=self.amax_group)
         if self.packed:
-            return mx_linear(x, self.dequantized_weight(), self.bias, self.spec, weight_is_quantized=True)
-        return mx_linear(x, self.weight, self.bias, self.spec)
+            return mx_linear(x, self.dequantized_weight(), self.bias, self.spec, weight_is_quantized=True, **reduce)
+        return mx_linear(x, self.weight, self.bias, self.spec, **reduce)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as the forward GEMM sees it: [out_features, in_features] ``dtype``."""
