@@ -431,7 +431,9 @@ class SelectiveCheckpoint:
       directly; the number of blocks, through :func:`apply_selective_checkpointing`), then per the plan
       (``self.plan``: layer number -> ``"full"``, ``"selective"`` or ``"none"``).
 
-    With grad disabled (evaluation) every policy simply calls the layer.
+    With grad disabled (evaluation) every policy simply calls the layer. ``torch.compile`` traces
+    NONE, ALL, HEAVY_OPS, ALTERNATE and CUSTOM (checkpoint is a higher-order op to it); AUTO's probes
+    run a Python dispatch mode, so compile an AUTO model after its first (measuring) step.
 
     Example:
         >>> checkpoint = SelectiveCheckpoint(SelectiveCheckpointConfig(policy=CheckpointPolicy.HEAVY_OPS))
@@ -647,10 +649,12 @@ class OffloadStats:
 class _Offloaded:
     """One saved tensor in host memory: the copy, and the device copy when prefetched."""
 
-    __slots__ = ("host", "device", "copied", "index", "pending", "prefetched", "prefetch_ready", "__weakref__")
+    __slots__ = ("host", "device", "copied", "order", "index", "pending", "prefetched", "prefetch_ready",
+                 "__weakref__")
 
-    def __init__(self, host: torch.Tensor, device: torch.device, copied: Any, index: int) -> None:
-        self.host, self.device, self.copied, self.index = host, device, copied, index
+    def __init__(self, host: torch.Tensor, device: torch.device, copied: Any, order: list, index: int) -> None:
+        self.host, self.device, self.copied = host, device, copied
+        self.order, self.index = order, index  # its context's offloaded tensors, and its place among them
         self.pending = 1  # saves not yet unpacked: a prefetched copy serves them all
         self.prefetched: torch.Tensor | None = None
         self.prefetch_ready: Any = None
@@ -699,7 +703,7 @@ class ActivationOffloader:
         self.force_cpu_roundtrip = force_cpu_roundtrip
         self.stats = OffloadStats()
         self._lock = threading.Lock()
-        self._order: list[weakref.ref] = []  # offloaded tensors of this context, in forward order
+        self._order: list[weakref.ref] = []  # offloaded tensors of the current context, in forward order
         self._by_view: dict[tuple, tuple[StorageWeakRef, weakref.ref]] = {}  # one host copy per saved view
         self._streams: dict[torch.device, Any] = {}
 
@@ -724,12 +728,12 @@ class ActivationOffloader:
             yield self
             return
         self.stats = OffloadStats()
-        self._order, self._by_view = [], {}
+        self._order, self._by_view = [], {}  # a new list: a later backward of this context keeps its own
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield self
         finally:
-            self._order, self._by_view = [], {}
+            self._by_view = {}
 
     # pack / unpack ------------------------------------------------------------------------------
 
@@ -775,7 +779,7 @@ class ActivationOffloader:
             host = torch.empty_like(t, device="cpu")
             host.copy_(t)
         with self._lock:
-            item = _Offloaded(host, t.device, copied, len(self._order))
+            item = _Offloaded(host, t.device, copied, self._order, len(self._order))
             self._order.append(weakref.ref(item))
             self._by_view[view] = (ref, weakref.ref(item))
             self.stats.offloaded_tensors += 1
@@ -811,20 +815,20 @@ class ActivationOffloader:
                 out, ready = self._to_device(packed)
                 self.stats.fetched_on_demand += 1
             if self.prefetch:
-                self._prefetch_before(packed.index)
+                self._prefetch_before(packed)
         if ready is not None:
             current = torch.cuda.current_stream(packed.device)
             current.wait_event(ready)
             out.record_stream(current)  # allocated on the side stream, used and freed on this one
         return out
 
-    def _prefetch_before(self, index: int) -> None:
-        """Start bringing back the ``prefetch_depth`` offloaded tensors packed just before ``index``."""
+    def _prefetch_before(self, current: _Offloaded) -> None:
+        """Start bringing back the ``prefetch_depth`` offloaded tensors packed just before ``current``."""
         started = 0
-        for j in range(min(index, len(self._order)) - 1, -1, -1):
+        for j in range(current.index - 1, -1, -1):
             if started >= self.prefetch_depth:
                 break
-            item = self._order[j]()
+            item = current.order[j]()
             if item is None:  # already used and freed by backward
                 continue
             if item.prefetched is None:

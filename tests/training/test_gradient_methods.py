@@ -636,12 +636,27 @@ def test_prefetch_brings_back_the_next_tensors_ahead_of_use():
             y.sum().backward()
         return x.grad, offloader.stats
 
-    ref = torch.randn(1024, requires_grad=True)
     g, s = chain(roundtrip(offload_threshold_mb=0, prefetch_depth=2))
     assert (s.offloaded_tensors, s.prefetched, s.fetched_on_demand) == (6, 5, 1)
     g, s = chain(roundtrip(offload_threshold_mb=0, prefetch=False))
     assert (s.prefetched, s.fetched_on_demand) == (0, 6)
-    del ref
+    # a backward after the context (and after another context began) still prefetches its own tensors
+    offloader = roundtrip(offload_threshold_mb=0)
+    x = torch.randn(1024, requires_grad=True)
+    with offloader.offload_context():
+        y = x
+        for _ in range(6):
+            y = y.sin()
+    with offloader.offload_context():
+        (x * 2).sin()
+    y.sum().backward()
+    assert (offloader.stats.prefetched, offloader.stats.fetched_on_demand) == (5, 1)  # the stats of the latest context
+    plain = x.detach().requires_grad_()
+    y = plain
+    for _ in range(6):
+        y = y.sin()
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, plain.grad, **EXACT)
 
 
 def test_saved_tensor_hooks_leave_no_reference_cycle():
@@ -758,3 +773,27 @@ def test_checkpointed_model_compiles(name):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     compiled(x).square().mean().backward()
     assert_same_grads(model, ref_grads)
+
+
+@pytest.mark.slow
+def test_memory_bench_prints_the_policy_table(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))  # the repository's bench package
+    from bench.memory import main
+
+    monkeypatch.setenv("NEXUS_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["memory.py", "--batch", "2", "--seq", "16", "--threads", "1"])
+    main()
+    out = capsys.readouterr().out
+    assert "auto(0.5) plan per block" in out and "50-90% saved" in out
+    (path,) = tmp_path.glob("memory-*.json")
+    record = json.loads(path.read_text())
+    rows = {r["policy"]: r for r in record["rows"]}
+    assert list(rows) == ["none", "all", "heavy_ops", "alternate", "auto(0.5)"]  # no offloading arm without CUDA
+    act = record["config"]["activation_bytes"]
+    assert act["all"] < act["heavy_ops"] < act["none"] and act["all"] < act["alternate"] < act["none"]
+    assert {c["arm"] for c in record["comparisons"]} == {"all", "heavy_ops", "alternate", "auto(0.5)"}
+    assert all(len(c["ratios"]) == 5 for c in record["comparisons"])
