@@ -6,8 +6,9 @@ trains on its slice of a global batch (loss = mean over the slice; FSDP2 average
 averaged gradient is the full-batch gradient. Two models: the tiny MoE transformer (every feature
 on) and ``OddModel``, whose first dims (7, 5, 9, 3) do not divide 2 or 4 (FSDP2 pads; some ranks
 hold empty blocks), with a 3D stack, a 4D weight, and SOAP matrices preconditioned on one side, on
-both, and on neither. Meshes: 1-D over 2 and 4 ranks, and HSDP (2 x 2: Replicate over dp_replicate,
-Shard(0) over dp_shard).
+both, and on neither. Meshes: 1-D over 2 and 4 ranks, HSDP (2 x 2: Replicate over dp_replicate,
+Shard(0) over dp_shard), and tensor parallelism then FSDP2 (2 x 2: dp_shard x tp) on ``TPModel``,
+whose column-parallel weight FSDP2 turns into strided shards (the general, all-gather path).
 
 Two comparisons with one process, after STEPS steps (SOAP: a basis-building step, then updates
 with a basis refresh at t = 2):
@@ -28,7 +29,8 @@ with a basis refresh at t = 2):
 
 Work split: ``orthogonalize`` (Muon) and ``update_preconditioners`` (SOAP) are patched in each rank
 to record the matrices they get: over all ranks every matrix appears exactly once per step, whole,
-every rank gets some and none gets all.
+every rank gets some and none gets all (not checked for the TP run: its one plain matrix is sharded
+over dp only, so each tensor-parallel rank's data-parallel group updates its own copy).
 
 Checkpoints: ``torch.distributed.checkpoint`` saves model and optimizer at 2 ranks after RESUME_AT
 steps; a fresh 2-rank model resumes bit-identically, and 4 ranks resume from the same files (Muon's
@@ -135,17 +137,40 @@ class OddModel(nn.Module):
         return self.layers[4](torch.cat([s, c, h[:, :1]], dim=1))
 
 
+class TPBlock(nn.Module):
+    """x + down(relu(up(x))) for tensor parallelism (up column-wise, down row-wise), then proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(6, 8)
+        self.down = nn.Linear(8, 6, bias=False)
+        self.proj = nn.Linear(6, 5, bias=False)
+
+    def forward(self, x):
+        return self.proj(x + self.down(torch.relu(self.up(x))))
+
+
+class TPModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([TPBlock()])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
 def make_model(kind: str) -> nn.Module:
     """float64 (see the module docstring: SOAP amplifies fp32 rounding chaotically)."""
     torch.manual_seed(0)
-    return (MoETransformer(MoEConfig(**CONFIG)) if kind == "moe" else OddModel()).to(torch.float64)
+    model = {"moe": lambda: MoETransformer(MoEConfig(**CONFIG)), "odd": OddModel, "tp": TPModel}[kind]()
+    return model.to(torch.float64)
 
 
 def batch(kind: str, step: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(100 + step)
     if kind == "moe":
         return torch.randint(0, CONFIG["vocab_size"], (GLOBAL, SEQ + CONFIG["n_pred_tokens"]), generator=gen)
-    return torch.randn(ODD_BATCH, 6, generator=gen, dtype=torch.float64)
+    return torch.randn(ODD_BATCH, 6, generator=gen, dtype=torch.float64)  # odd and tp models
 
 
 def loss_of(kind: str, model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -206,18 +231,26 @@ def expected_matrices(name: str, kind: str) -> Counter:
 # rank side
 
 
-def make_mesh(world_size: int, hsdp: bool):
+def make_mesh(world_size: int, hsdp: bool, kind: str = ""):
     from torch.distributed.device_mesh import init_device_mesh
 
+    if kind == "tp":
+        return init_device_mesh("cpu", (world_size // 2, 2), mesh_dim_names=("dp_shard", "tp"))
     if hsdp:
         return init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp_replicate", "dp_shard"))
     return init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp_shard",))
 
 
 def sharded_model(kind: str, mesh) -> nn.Module:
+    """FSDP2 per block and root; for "tp", tensor parallelism over mesh["tp"] first, then FSDP2 over
+    mesh["dp_shard"] (torchtitan's order): up/down become 2-D DTensors, up's with strided shards."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     model = make_model(kind)
+    if kind == "tp":
+        parallelize_module(model.layers[0], mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        mesh = mesh["dp_shard"]
     for block in model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -226,7 +259,11 @@ def sharded_model(kind: str, mesh) -> nn.Module:
     return model
 
 
-def rank_slice(rank: int, world_size: int):
+def rank_slice(rank: int, world_size: int, kind: str = ""):
+    """This rank's rows of a global batch; the tensor-parallel pair of a "tp" run shares its rows."""
+    if kind == "tp":
+        rank, world_size = rank // 2, world_size // 2
+
     def take(rows):
         per = rows.shape[0] // world_size
         return rows[rank * per:(rank + 1) * per]
@@ -262,11 +299,11 @@ def train_sharded(rank: int, world_size: int, name: str, kind: str, hsdp: bool =
     between the two is the sharded optimizer's, not the data-parallel gradient's rounding."""
     from torch.distributed.tensor import DTensor
 
-    model = sharded_model(kind, make_mesh(world_size, hsdp))
+    model = sharded_model(kind, make_mesh(world_size, hsdp, kind))
     opt = make_optimizer(name, kind, model)
     shadow = make_model(kind)
     shadow_opt = make_optimizer(name, kind, shadow)
-    take = rank_slice(rank, world_size)
+    take = rank_slice(rank, world_size, kind)
     shadow_gap = 0.0
     with forced("reference"):
         for step in range(STEPS):
@@ -324,6 +361,7 @@ def _checks(rank: int, world_size: int, ckpt_root: str) -> dict:
     runs = [(f"{name}_{kind}", (name, kind)) for kind in ("odd", "moe") for name in ("muon", "soap")]
     if world_size == 4:
         runs += [(f"{name}_odd_hsdp", (name, "odd", True)) for name in ("muon", "soap")]
+        runs += [(f"{name}_tp", (name, "tp")) for name in ("muon", "soap")]
     for label, args in runs:
         results[label] = train_sharded(rank, world_size, *args)
         dist.barrier()
@@ -381,10 +419,11 @@ def assert_params_match(got: dict, want: dict, atol: float) -> None:
 
 LABELS = [(world, f"{name}_{kind}") for world in (2, 4) for kind in ("odd", "moe") for name in ("muon", "soap")]
 LABELS += [(4, "muon_odd_hsdp"), (4, "soap_odd_hsdp")]
+TP_LABELS = [(4, "muon_tp"), (4, "soap_tp")]
 
 
 @spawns
-@pytest.mark.parametrize("world, label", LABELS)
+@pytest.mark.parametrize("world, label", LABELS + TP_LABELS)
 def test_sharded_step_equals_unsharded_step_on_the_same_gradients(runs, world, label):
     gaps = [r[label]["shadow_gap"] for r in runs[world]]
     print(f"{label} at {world} ranks: max gap to the shadow over {STEPS} steps, per rank: {gaps}")
@@ -392,7 +431,7 @@ def test_sharded_step_equals_unsharded_step_on_the_same_gradients(runs, world, l
 
 
 @spawns
-@pytest.mark.parametrize("world, label", [(w, lab) for w, lab in LABELS if lab != "soap_moe"])
+@pytest.mark.parametrize("world, label", [(w, lab) for w, lab in LABELS + TP_LABELS if lab != "soap_moe"])
 def test_sharded_run_matches_one_process(runs, world, label):
     assert_params_match(runs[world][0][label]["params"], cached_reference(*_name_kind(label)), INDEPENDENT_ATOL)
 
@@ -404,11 +443,14 @@ def test_the_cases_are_the_intended_ones(runs):
     placements = runs[4][0]["muon_odd"]["placements"]
     assert placements["layers.1.weight"] == "(Shard(dim=0),)"
     assert runs[4][0]["muon_odd_hsdp"]["placements"]["layers.1.weight"] == "(Replicate(), Shard(dim=0))"
+    tp = runs[4][0]["muon_tp"]["placements"]
+    assert "_StridedShard" in tp["layers.0.up.weight"] and tp["layers.0.down.weight"] == "(Shard(dim=0), Shard(dim=1))"
     assert {p.shape[0] % 4 for p in make_model("odd").parameters()} >= {1, 3}
     for name in ("muon", "soap"):
-        moved = min((cached_reference(name, "odd")[n] - p).abs().max().item()
-                    for n, p in make_model("odd").named_parameters())
-        assert moved > 1e4 * INDEPENDENT_ATOL, (name, moved)
+        for kind in ("odd", "tp"):
+            moved = min((cached_reference(name, kind)[n] - p).abs().max().item()
+                        for n, p in make_model(kind).named_parameters())
+            assert moved > 1e4 * INDEPENDENT_ATOL, (name, kind, moved)
 
 
 @spawns

@@ -23,8 +23,11 @@ would send every rank the whole matrix). Memory: a rank holds its owned whole ma
 (about 1/world of all matrices) plus send and receive buffers of that size, for two collectives
 per bucket and step.
 
-Only ``Shard(d)`` and ``Replicate()`` placements are supported (what FSDP2 and HSDP produce); others
-(``Partial``, the strided shards of FSDP2 over tensor parallelism) are refused with a ValueError.
+The block map covers ``Shard(d)`` and ``Replicate()`` placements (FSDP2, HSDP, tensor parallelism
+alone). Other layouts, such as the strided shards FSDP2 makes of tensor-parallel weights, take a
+general but heavier path (:class:`GatheredEverywhere`): every rank all-gathers the whole tensor
+(``full_tensor``), the owner computes, broadcasts the result, and each rank keeps its block
+(DTensor's own split, no communication). ``Partial`` placements are refused.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Layout", "ShardedParams", "WholeMatrices", "assign_owners", "is_dtensor", "local"]
+__all__ = ["GatheredEverywhere", "Layout", "ShardedParams", "WholeMatrices", "assign_owners", "is_dtensor",
+           "local"]
 
 
 def _dtensor_class():
@@ -97,7 +101,7 @@ class ShardedParams:
 
     def __init__(self) -> None:
         self._groups: dict = {}
-        self._layouts: dict[int, Layout] = {}
+        self._layouts: dict[int, tuple] = {}  # id(p) -> ((shape, placements), Layout or None)
 
     def mesh_group(self, mesh) -> MeshGroup:
         found = self._groups.get(mesh)
@@ -105,11 +109,13 @@ class ShardedParams:
             found = self._groups[mesh] = _mesh_group(mesh)
         return found
 
-    def layout(self, p: Tensor) -> Layout:
-        found = self._layouts.get(id(p))
-        if found is None or found.shape != tuple(p.shape) or found.placements != tuple(p.placements):
-            found = self._layouts[id(p)] = Layout(p, self.mesh_group(p.device_mesh))
-        return found
+    def layout(self, p: Tensor) -> Layout | None:
+        """p's :class:`Layout`, or None where the block map does not cover its placements."""
+        key = (tuple(p.shape), tuple(p.placements))
+        if id(p) not in self._layouts or self._layouts[id(p)][0] != key:
+            self._layouts[id(p)] = (key, Layout(p, self.mesh_group(p.device_mesh))
+                                    if _mapped(p.placements) else None)
+        return self._layouts[id(p)][1]
 
     def owners(self, params: Sequence[Tensor], cost) -> dict[int, int]:
         """``{id(p): owner group rank}``: LPT over each mesh's ranks by ``cost(shape)``. Pass every matrix of
@@ -124,17 +130,22 @@ class ShardedParams:
         return owners
 
     def buckets(self, params: Sequence[Tensor], owners: dict[int, int],
-                dtype_of) -> list[tuple[WholeMatrices, list[int]]]:
-        """Split ``params`` (DTensors with gradients) by mesh and ``dtype_of(p)`` (the dtype of the blocks
-        exchanged for p) into :class:`WholeMatrices` jobs; each comes with its indices into ``params``."""
+                dtype_of) -> list[tuple[WholeMatrices | GatheredEverywhere, list[int]]]:
+        """Split ``params`` (DTensors with gradients) by mesh, ``dtype_of(p)`` (the dtype of the blocks
+        exchanged for p) and path into jobs (:class:`WholeMatrices`, or :class:`GatheredEverywhere` for
+        placements the block map does not cover); each comes with its indices into ``params``."""
         by_key: dict = {}
         for i, p in enumerate(params):
-            by_key.setdefault((p.device_mesh, dtype_of(p)), []).append(i)
+            by_key.setdefault((p.device_mesh, dtype_of(p), self.layout(p) is None), []).append(i)
         jobs = []
-        for (_, dtype), indices in by_key.items():
-            layouts = [self.layout(params[i]) for i in indices]
-            job = WholeMatrices(layouts, [owners[id(params[i])] for i in indices], dtype,
-                                params[indices[0]].to_local().device)
+        for (mesh, dtype, everywhere), indices in by_key.items():
+            job_owners = [owners[id(params[i])] for i in indices]
+            device = params[indices[0]].to_local().device
+            if everywhere:
+                job = GatheredEverywhere([params[i] for i in indices], self.mesh_group(mesh), job_owners, dtype,
+                                         device)
+            else:
+                job = WholeMatrices([self.layout(params[i]) for i in indices], job_owners, dtype, device)
             jobs.append((job, indices))
         return jobs
 
@@ -159,6 +170,17 @@ def _mesh_group(mesh) -> MeshGroup:
         device = torch.device("cuda", torch.cuda.current_device())
     return MeshGroup(group=group, rank=dist.get_rank(group), coords=coords, mesh_shape=tuple(mesh.mesh.shape),
                      device=device)
+
+
+def _mapped(placements) -> bool:
+    """Whether the block map covers ``placements`` (only Shard(d) and Replicate()); Partial is refused."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    for placement in placements:
+        if isinstance(placement, Partial):
+            raise ValueError(f"a parameter with placements {tuple(placements)} holds partial sums: reduce it "
+                             "(redistribute to Shard or Replicate) before the optimizer step")
+    return all(type(pl) is Shard or isinstance(pl, Replicate) for pl in placements)
 
 
 def _block(shape: tuple[int, ...], placements, coord: tuple[int, ...],
@@ -243,6 +265,7 @@ class WholeMatrices:
             raise ValueError(f"need one owner per layout and at least one layout, got {len(layouts)} layouts "
                              f"and {len(owners)} owners")
         self.layouts = list(layouts)
+        self.shapes = [layout.shape for layout in self.layouts]  # whole shapes, as GatheredEverywhere's
         self.owners = list(owners)
         self.mesh_group = layouts[0].mesh_group
         self.dtype, self.device = dtype, device
@@ -312,4 +335,56 @@ class WholeMatrices:
             for k, n in per_src:
                 blocks[k] = out[offset:offset + n].view(self.layouts[k].block_shape(me))
                 offset += n
+        return blocks
+
+
+class GatheredEverywhere:
+    """The general path (any DTensor layout, e.g. FSDP2's strided shards of tensor-parallel weights),
+    with :class:`WholeMatrices`'s interface: every rank all-gathers each whole tensor, only its owner
+    computes, the owner broadcasts the result and every rank keeps its own block. Traffic: each rank
+    receives every tensor twice (vs about once in total for the all-to-all path).
+
+    Args:
+        params: the DTensor parameters, all on one mesh; mesh_group: that mesh's :class:`MeshGroup`;
+        owners: the owner group rank of each; dtype, device: of the blocks and results.
+    """
+
+    def __init__(self, params: Sequence[Tensor], mesh_group: MeshGroup, owners: Sequence[int], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.specs = [(p.device_mesh, tuple(p.placements), p.shape, p.stride()) for p in params]
+        self.mesh_group = mesh_group
+        self.owners = list(owners)
+        self.dtype, self.device = dtype, device
+        self.owned = [k for k, o in enumerate(self.owners) if o == mesh_group.rank]
+        self.shapes = [tuple(p.shape) for p in params]
+
+    def gather(self, blocks: Sequence[Tensor]) -> dict[int, Tensor]:
+        """As :meth:`WholeMatrices.gather` (every rank gathers every tensor; the non-owned are dropped)."""
+        from torch.distributed.tensor import DTensor
+
+        whole = {}
+        for k, (block, (mesh, placements, shape, stride)) in enumerate(zip(blocks, self.specs)):
+            full = DTensor.from_local(block.to(self.dtype), mesh, placements, shape=shape, stride=stride).full_tensor()
+            if k in self.owned:
+                whole[k] = full
+        return whole
+
+    def scatter(self, results: dict[int, Tensor], which: Sequence[int] | None = None) -> dict[int, Tensor]:
+        """As :meth:`WholeMatrices.scatter`: one broadcast per result, then each rank's own split."""
+        from torch.distributed.tensor import distribute_tensor
+
+        which = sorted(range(len(self.specs)) if which is None else set(which))
+        blocks = {}
+        for k in which:
+            mesh, placements, shape, _ = self.specs[k]
+            if self.owners[k] == self.mesh_group.rank:
+                full = results[k].to(self.dtype).contiguous()
+                if tuple(full.shape) != self.shapes[k]:
+                    raise ValueError(f"result {k} has shape {tuple(full.shape)}, expected {self.shapes[k]}")
+            else:
+                full = torch.empty(self.shapes[k], dtype=self.dtype, device=self.device)
+            moved = full.to(self.mesh_group.device)
+            dist.broadcast(moved, group=self.mesh_group.group, group_src=self.owners[k])
+            # src_data_rank=None: every rank holds the whole result, so it only takes its block
+            blocks[k] = distribute_tensor(moved, mesh, placements, src_data_rank=None).to_local().to(self.device)
         return blocks

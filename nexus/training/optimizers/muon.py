@@ -169,7 +169,8 @@ class Muon(torch.optim.Optimizer):
     momentum (one all-to-all per mesh), orthogonalizes it and sends every rank its block of the
     update (one more all-to-all): each matrix is orthogonalized exactly once, the work spread over
     the ranks. A 3D stack sharded on its stack dimension (whole matrices per rank) is orthogonalized
-    where it lies. AdamW groups are elementwise and work on the local blocks. The result equals the
+    where it lies. Layouts beyond Shard/Replicate (FSDP2 over tensor parallelism makes strided
+    shards) take a heavier path: all-gather, owner computes, broadcast. AdamW groups are elementwise and work on the local blocks. The result equals the
     single-process step on the same full gradients.
 
     Example::
@@ -272,18 +273,22 @@ class Muon(torch.optim.Optimizer):
         gathered whole on one owner rank, orthogonalized there and scattered back (see ``_sharded``).
         """
         sharded = self._sharded
+
+        def split_by_whole_matrices(p: Tensor) -> bool:
+            layout = sharded.layout(p)
+            return p.dim() == 3 and layout is not None and layout.shards_only_dim0()
+
         settings = dict(ns_steps=group["ns_steps"], coeffs=group["coeffs"])
         updates, whole = {}, []
         for i, (p, U) in enumerate(zip(params, moments)):
-            if p.dim() == 3 and sharded.layout(p).shards_only_dim0():
+            if split_by_whole_matrices(p):
                 updates[i] = muon_direction(U, **settings)
             else:
                 whole.append(i)
         if not whole:
             return updates
         # owners over every gathered matrix of the group, so that they stay put when a gradient is missing
-        candidates = [p for p in group["params"] if is_dtensor(p)
-                      and not (p.dim() == 3 and sharded.layout(p).shards_only_dim0())]
+        candidates = [p for p in group["params"] if is_dtensor(p) and not split_by_whole_matrices(p)]
         owners = sharded.owners(candidates, _orthogonalize_cost)
         gathered = [params[i] for i in whole]
         for job, indices in sharded.buckets(gathered, owners, _state_dtype):

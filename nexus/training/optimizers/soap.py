@@ -147,7 +147,8 @@ class SOAP(torch.optim.Optimizer):
     rank among its mesh's ranks (largest work first, to the least-loaded rank): every step the
     owner gathers the whole gradient (one all-to-all per mesh), runs the step above and sends each
     rank its block of the direction (one more all-to-all); every rank applies its block and decays
-    it. The owner alone keeps that matrix's state, as whole plain tensors; the other ranks keep only
+    it (layouts beyond Shard/Replicate, e.g. FSDP2 over tensor parallelism: an all-gather and a
+    broadcast instead). The owner alone keeps that matrix's state, as whole plain tensors; the other ranks keep only
     ``step``. Why owner-held rather than replicated on every rank: the state is 2mn + 2m^2 + 2n^2
     floats per matrix (several times the parameter) and the eigen-refreshes cost O(m^3 + n^3), so
     replicating both would multiply SOAP's memory and its most expensive work by the world size;
@@ -279,7 +280,7 @@ class SOAP(torch.optim.Optimizer):
             for k in job.owned:
                 direction = self._matrix_direction(self.state[params[indices[k]]], _as_matrix(whole[k]), group)
                 if direction is not None:
-                    directions[k] = direction.reshape(job.layouts[k].shape)
+                    directions[k] = direction.reshape(job.shapes[k])
             updating = []
             for k, i in enumerate(indices):
                 state = self.state[params[i]]
