@@ -54,7 +54,8 @@ import traceback
 from multiprocessing.connection import wait as wait_for_sentinels
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["DistributedRunError", "RankOutcome", "run_distributed", "run_distributed_checks"]
+__all__ = ["DistributedRunError", "RankOutcome", "loopback_interface", "loopback_store", "run_distributed",
+           "run_distributed_checks"]
 
 # How long the surviving ranks may take to fail by themselves once one rank has failed, before
 # they are killed; peers of a dead rank normally error out within a second.
@@ -140,7 +141,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: Sequence[
     # Unpickled inside the rank, so that a failing import of fn's module shows as its traceback.
     work = pickle.dumps((fn, tuple(args)))
     deadline = time.monotonic() + timeout
-    store, port = _loopback_store(timeout)
+    store, port = loopback_store(timeout)
     ctx = mp.get_context("spawn")
     workdir = tempfile.mkdtemp(prefix="nexus_dist_")
     procs = []
@@ -213,7 +214,7 @@ def _run_checks(rank: int, world_size: int, checks: tuple) -> dict[str, Any]:
 # Parent side
 
 
-def _loopback_store(timeout: float):
+def loopback_store(timeout: float):
     """A rendezvous TCPStore served by this process on 127.0.0.1, and its port."""
     import torch.distributed as dist
 
@@ -233,7 +234,7 @@ def _loopback_store(timeout: float):
     return store, port
 
 
-def _loopback_interface() -> str:
+def loopback_interface() -> str:
     names = [name for _, name in socket.if_nameindex()]
     for name in ("lo", "lo0"):
         if name in names:
@@ -252,8 +253,8 @@ def _rank_environment(rank: int, world_size: int, local_world_size: int, port: i
         "LOCAL_RANK": str(rank % local_world_size),
         "LOCAL_WORLD_SIZE": str(local_world_size),
         "GROUP_RANK": str(rank // local_world_size),
-        "GLOO_SOCKET_IFNAME": _loopback_interface(),
-        "TP_SOCKET_IFNAME": _loopback_interface(),
+        "GLOO_SOCKET_IFNAME": loopback_interface(),
+        "TP_SOCKET_IFNAME": loopback_interface(),
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }

@@ -16,14 +16,14 @@ import sys
 import pytest
 
 from nexus.training import checkpoint as ckpt
-from distributed.harness import _loopback_interface, _loopback_store
+from tests.distributed.harness import loopback_interface, loopback_store
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 6
 
 
 def _env():
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": _loopback_interface(), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": loopback_interface(), "OMP_NUM_THREADS": "1",
            "NEXUS_BACKEND": "reference", "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
     return env
@@ -77,7 +77,7 @@ def test_torchrun_two_ranks_reach_the_single_process_validation_loss(small_run, 
 def test_mpirun_two_ranks_reach_the_single_process_validation_loss(small_run, single):
     name = "launch_mpirun"
     path = _run_file(small_run, name, "{strategy: fsdp2}")
-    store, port = _loopback_store(timeout=600)  # race-free rendezvous on 127.0.0.1, hosted here
+    store, port = loopback_store(timeout=600)  # race-free rendezvous on 127.0.0.1, hosted here
     env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
     exports = [a for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "GLOO_SOCKET_IFNAME",
                            "OMP_NUM_THREADS", "NEXUS_BACKEND", "PYTHONUNBUFFERED", "PATH") for a in ("-x", k)]

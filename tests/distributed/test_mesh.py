@@ -2,7 +2,7 @@
 import pytest
 
 from nexus.config import ConfigError, load_config
-from nexus.training.distributed.mesh import DistributedConfig, ParallelContext, init_process_group, launch_env
+from nexus.training.distributed.mesh import DistributedConfig, ParallelContext, join_process_group, launch_env
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -41,7 +41,7 @@ def test_launch_env_reads_torchrun_then_openmpi(monkeypatch):
     # mpirun across machines gives no rendezvous address: say what to export instead of guessing one
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="export MASTER_ADDR"):
-        init_process_group()
+        join_process_group()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launch_env().launcher == "torchrun"  # torchrun's variables win

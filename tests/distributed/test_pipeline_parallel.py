@@ -36,7 +36,7 @@ from nexus.training.distributed.pipeline_parallel import (
     split_model,
     stage_output_to_moe_output,
 )
-from tests.distributed.harness import run_distributed_checks
+from tests.distributed.harness import run_distributed, run_distributed_checks
 
 CONFIG = dict(vocab_size=128, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=32, d_ff_dense=48, max_seq_len=32,
               use_moe=True, n_experts=4, moe_top_k=2, n_shared_experts=1, moe_layer_interval=2, use_mod=True,
@@ -148,7 +148,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    """The single-process run: gradient accumulation over the same N_MB microbatches."""
+    """The single-process run, computed in a fresh process like the ranks' (one thread, no state left by
+    other tests in this one), so that only the pipeline differs."""
+    return run_distributed(_reference, world_size=1, timeout=600)[0]
+
+
+def _reference(rank: int, world_size: int) -> dict:
+    """Gradient accumulation over the same N_MB microbatches, in one process."""
     loss_fn = mtp_loss_fn()
     with one_thread():
         model = make_model()

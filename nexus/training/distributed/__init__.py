@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "DistributedConfig": "mesh", "ParallelContext": "mesh", "init_parallel": "mesh", "init_process_group": "mesh",
+    "DistributedConfig": "mesh", "ParallelContext": "mesh", "init_parallel": "mesh", "join_process_group": "mesh",
     "launch_env": "mesh", "build_mesh": "mesh",
     "FSDP2Config": "fsdp2", "wrap_model_fsdp2": "fsdp2",
     "wrap_data_parallel": "data_parallel", "unwrap_model": "data_parallel",

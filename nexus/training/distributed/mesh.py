@@ -111,7 +111,7 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(0, 1, 0, 1, "none")
 
 
-def init_process_group(backend: str | None = None, timeout_s: float = 1800.0) -> LaunchEnv:
+def join_process_group(backend: str | None = None, timeout_s: float = 1800.0) -> LaunchEnv:
     """Join the launcher's process group (once); returns where this process stands. No-op for one process."""
     env = launch_env()
     if dist.is_initialized() or env.world_size == 1:
@@ -187,7 +187,7 @@ def build_mesh(config: DistributedConfig, world_size: int, device_type: str):
 def init_parallel(config: DistributedConfig | None = None, device_type: str | None = None) -> ParallelContext:
     """Join the launcher's process group and build the mesh of ``config`` (all data parallel when None)."""
     config = config or DistributedConfig()
-    env = init_process_group(config.backend, config.timeout_s)
+    env = join_process_group(config.backend, config.timeout_s)
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() and config.backend != "gloo" else "cpu"
     sizes, mesh = build_mesh(config, env.world_size, device_type)

@@ -10,7 +10,7 @@ from nexus_kernels import forced, polar_express_coeffs
 from nexus.training.optimizers import Muon, get_muon_optimizer
 from nexus.training.optimizers.muon import update_scale
 
-from distributed.harness import run_distributed
+from tests.distributed.harness import run_distributed
 
 from ._helpers import gen, ill_conditioned_regression, sparse_grad_embedding, sum_of_squares_closure
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from nexus.training.optimizers import Prodigy
 from nexus.training.optimizers.prodigy import prodigy_next_d
 
-from distributed.harness import run_distributed
+from tests.distributed.harness import run_distributed
 
 from ._helpers import sparse_grad_embedding, sum_of_squares_closure
 
