@@ -101,7 +101,7 @@ class ShardedParams:
 
     def __init__(self) -> None:
         self._groups: dict = {}
-        self._layouts: dict[int, tuple] = {}  # id(p) -> ((shape, placements), Layout or None)
+        self._layouts: dict[int, tuple] = {}  # id(p) -> ((shape, placements, mesh), Layout or None)
 
     def mesh_group(self, mesh) -> MeshGroup:
         found = self._groups.get(mesh)
@@ -111,10 +111,10 @@ class ShardedParams:
 
     def layout(self, p: Tensor) -> Layout | None:
         """p's :class:`Layout`, or None where the block map does not cover its placements."""
-        key = (tuple(p.shape), tuple(p.placements))
+        key = (tuple(p.shape), tuple(p.placements), p.device_mesh)
         if id(p) not in self._layouts or self._layouts[id(p)][0] != key:
-            self._layouts[id(p)] = (key, Layout(p, self.mesh_group(p.device_mesh))
-                                    if _mapped(p.placements) else None)
+            layout = Layout(p, self.mesh_group(p.device_mesh)) if _mapped(p.placements) else None
+            self._layouts[id(p)] = (key, layout if layout is not None and layout.matches else None)
         return self._layouts[id(p)][1]
 
     def owners(self, params: Sequence[Tensor], cost) -> dict[int, int]:
@@ -199,9 +199,8 @@ def _block(shape: tuple[int, ...], placements, coord: tuple[int, ...],
             start[d] += lo
             size[d] = hi - lo
         elif not isinstance(placement, Replicate):
-            raise ValueError(f"parameter of shape {shape} has placement {placement} on mesh dim {mesh_dim}: only "
-                             "Shard(d) and Replicate() are supported (FSDP2, HSDP); apply FSDP2 without tensor "
-                             "parallelism, or use an elementwise optimizer for these parameters")
+            raise ValueError(f"the block map covers Shard(d) and Replicate() placements, not {placement} "
+                             f"(mesh dim {mesh_dim} of a parameter of shape {shape})")
     return tuple(slice(s, s + z) for s, z in zip(start, size))
 
 
@@ -223,11 +222,8 @@ class Layout:
         # ranks with the same coordinates on the replicated dims hold disjoint blocks that tile the whole
         self.replica = [tuple(c[d] for d in replicated) for c in mesh_group.coords]
         self.replicated = any(mesh_group.mesh_shape[d] > 1 for d in replicated)
-        own = self.block_shape(mesh_group.rank)
-        if tuple(param.to_local().shape) != own:
-            raise ValueError(f"parameter of shape {self.shape} with placements {self.placements} holds a local block "
-                             f"of shape {tuple(param.to_local().shape)} on this rank, not the {own} of DTensor's "
-                             "Shard chunking: uneven sharding of another kind is not supported")
+        # False if the local block is not the one DTensor's Shard chunking gives (then the general path)
+        self.matches = tuple(param.to_local().shape) == self.block_shape(mesh_group.rank)
 
     def block_shape(self, group_rank: int) -> tuple[int, ...]:
         return tuple(s.stop - s.start for s in self.blocks[group_rank])
