@@ -170,8 +170,9 @@ class Muon(torch.optim.Optimizer):
     update (one more all-to-all): each matrix is orthogonalized exactly once, the work spread over
     the ranks. A 3D stack sharded on its stack dimension (whole matrices per rank) is orthogonalized
     where it lies. Layouts beyond Shard/Replicate (FSDP2 over tensor parallelism makes strided
-    shards) take a heavier path: all-gather, owner computes, broadcast. AdamW groups are elementwise and work on the local blocks. The result equals the
-    single-process step on the same full gradients.
+    shards) take a heavier path: all-gather, owner computes, broadcast. AdamW groups are
+    elementwise and work on the local blocks. The result equals the single-process step on the
+    same full gradients, bit for bit.
 
     Example::
 
