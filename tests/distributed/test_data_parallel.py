@@ -23,6 +23,7 @@ import torch
 
 from nexus.models.moe import MoEConfig, MoEFeedForward, MoETransformer, RoutingMamba
 from nexus.training.losses import multi_token_prediction_loss
+from tests.distributed.steering import steer_experts
 from tests.distributed.harness import run_distributed
 
 # every feature on: layer 0 attention + dense, 1 attention + MoE, 2 RoM + dense, 3 MoD(attention + MoE),
@@ -48,18 +49,7 @@ def steered_model() -> MoETransformer:
     last choice for the high half (MoE top-2 of 4, RoM top-1 of 2: RoM expert 0 takes the high half).
     """
     torch.manual_seed(0)
-    model = MoETransformer(MoEConfig(**CONFIG))
-    with torch.no_grad():
-        model.embed_tokens.weight[:HALF, 0] = 4.0
-        model.embed_tokens.weight[HALF:, 0] = -4.0
-        for module in model.modules():
-            if isinstance(module, MoEFeedForward):
-                module.router.weight[3] = 0.0
-                module.router.weight[3, 0] = 2.0
-            elif isinstance(module, RoutingMamba):
-                module.router.weight[1] = 0.0
-                module.router.weight[1, 0] = 2.0
-    return model
+    return steer_experts(MoETransformer(MoEConfig(**CONFIG)), HALF)
 
 
 def global_batch(step: int, world_size: int) -> torch.Tensor:

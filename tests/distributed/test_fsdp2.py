@@ -31,6 +31,7 @@ from torch import nn
 from nexus.models.moe import MoEConfig, MoEFeedForward, MoETransformer, RoutingMamba
 from nexus.training.distributed.fsdp2 import FSDP2Config, find_blocks, wrap_model_fsdp2
 from nexus.training.losses import multi_token_prediction_loss
+from tests.distributed.steering import steer_experts
 from tests.distributed.harness import run_distributed_checks
 
 # every feature on: layer 0 attention + MoE, layer 1 MoD(RoM + MoE), one extra MTP head
@@ -50,18 +51,7 @@ def steered_model(**overrides) -> MoETransformer:
     RoM expert 1 score +2 * x[0], and x[0] (embedding dim 0, which dominates the residual stream) is
     +4 for ids < HALF, -4 otherwise: high-half-only slices never pick them."""
     torch.manual_seed(0)
-    model = MoETransformer(MoEConfig(**{**CONFIG, **overrides}))
-    with torch.no_grad():
-        model.embed_tokens.weight[:HALF, 0] = 4.0
-        model.embed_tokens.weight[HALF:, 0] = -4.0
-        for module in model.modules():
-            if isinstance(module, MoEFeedForward):
-                module.router.weight[3] = 0.0
-                module.router.weight[3, 0] = 2.0
-            elif isinstance(module, RoutingMamba):
-                module.router.weight[1] = 0.0
-                module.router.weight[1, 0] = 2.0
-    return model
+    return steer_experts(MoETransformer(MoEConfig(**{**CONFIG, **overrides})), HALF)
 
 
 def global_batch(step: int) -> torch.Tensor:

@@ -47,6 +47,7 @@ from nexus.training.mixed_precision import (
 )
 from nexus.training.mixed_precision.fp8 import set_amax_reduction
 from nexus_kernels._backend import forced
+from tests.distributed.steering import steer_experts
 from tests.distributed.harness import run_distributed_checks
 
 
@@ -79,15 +80,7 @@ def fp8_moe() -> MoETransformer:
     """The MoE model with FP8 linears; MoE expert 3 scores +2 x[0], and embedding dim 0 is +4 for token ids
     < HALF, -4 otherwise, so a rank fed only high-half tokens leaves expert 3 idle."""
     torch.manual_seed(0)
-    model = MoETransformer(MoEConfig(**CONFIG))
-    with torch.no_grad():
-        model.embed_tokens.weight[:HALF, 0] = 4.0
-        model.embed_tokens.weight[HALF:, 0] = -4.0
-        for module in model.modules():
-            if isinstance(module, MoEFeedForward):
-                module.router.weight[3] = 0.0
-                module.router.weight[3, 0] = 2.0
-    return convert_to_fp8(model, FP8Format.HYBRID)
+    return convert_to_fp8(steer_experts(MoETransformer(MoEConfig(**CONFIG)), HALF, rom=False), FP8Format.HYBRID)
 
 
 def mlp(kind: str) -> nn.Module:
