@@ -206,6 +206,10 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
         from nexus.training.mixed_precision import apply_precision
 
         model = apply_precision(model.to(resolved), args.precision)
+        if args.precision in ("fp8", "mxfp8", "fp4"):  # scales agree across the ranks that hold the same layers
+            from nexus.training.mixed_precision.fp8 import set_amax_reduction
+
+            set_amax_reduction(model, parallel.dp_group, enabled=parallel.dp_size > 1)
         if parallel.sizes["pp"] > 1:
             pipeline, model = parallelize_pipeline(model, parallel, _pipeline_loss(args))
         else:
