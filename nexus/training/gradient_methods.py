@@ -670,7 +670,9 @@ class ActivationOffloader:
     in reverse forward order (the order backward uses them) are copied back on the side stream
     (``prefetch``), so the copy overlaps the backward compute. Gradients are unchanged: the values
     round-trip exactly. Tensors saved inside a checkpointed block are not offloaded (the checkpoint
-    holds none of them). Statistics of the last context: ``stats``.
+    holds none of them). Statistics of the last context: ``stats``. The forward must run inside the
+    context; its backward may run inside or after it. Under ``torch.compile`` the compiled graph's saved
+    tensors go through the same hooks, but its backward unpacks them all at once, so prefetch gains little.
 
     On a machine without CUDA the context does nothing and says so once per process;
     ``force_cpu_roundtrip=True`` (for tests) offloads CPU tensors too, into separate host copies, through
@@ -829,7 +831,7 @@ class ActivationOffloader:
             if started >= self.prefetch_depth:
                 break
             item = current.order[j]()
-            if item is None:  # already used and freed by backward
+            if item is None or item.pending <= 0:  # already used by backward
                 continue
             if item.prefetched is None:
                 item.prefetched, item.prefetch_ready = self._to_device(item)
