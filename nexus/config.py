@@ -1,6 +1,6 @@
 """Run configuration: YAML files mapped onto keyword-only dataclasses.
 
-A run file has up to five sections, each mapped onto one dataclass::
+A run file has up to seven sections, each mapped onto one dataclass::
 
     model:      MoEConfig            (nexus.models.moe)
     data:       DataConfig
@@ -8,6 +8,7 @@ A run file has up to five sections, each mapped onto one dataclass::
     optimizer:  OptimizerConfig
     qat:        QATConfig            (nexus.training.qat; only when present: quantization-aware training)
     distributed: DistributedConfig   (nexus.training.distributed; only when present: the device mesh)
+    memory:     MemoryConfig         (nexus.training.gradient_methods; activation checkpointing, offloading)
 
 An unknown or misspelt key, a value of the wrong type, or an impossible value stops loading with a
 ``ConfigError`` that names the file and the key.
@@ -186,6 +187,7 @@ class RunConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     qat: Any = None  # a QATConfig when the file has a `qat:` section: quantization-aware training
     distributed: Any = None  # a DistributedConfig when the file has a `distributed:` section
+    memory: Any = None  # a MemoryConfig when the file has a `memory:` section
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -194,11 +196,12 @@ class RunConfig:
 def _sections() -> dict[str, type]:
     from nexus.models.moe import MoEConfig
     from nexus.training.distributed.mesh import DistributedConfig
+    from nexus.training.gradient_methods import MemoryConfig
     from nexus.training.qat import QATConfig
     from nexus.training.trainer import TrainingArguments
 
     return {"model": MoEConfig, "data": DataConfig, "training": TrainingArguments, "optimizer": OptimizerConfig,
-            "qat": QATConfig, "distributed": DistributedConfig}
+            "qat": QATConfig, "distributed": DistributedConfig, "memory": MemoryConfig}
 
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
@@ -211,13 +214,17 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
         raise ConfigError(f"{source}: unknown section {', '.join(map(repr, unknown))}; known: {', '.join(sections)}")
     if "model" not in raw:
         raise ConfigError(f"{source}: the 'model' section is missing")
-    optional = {"qat", "distributed"}  # present only when the file has the section
+    optional = {"qat", "distributed", "memory"}  # present only when the file has the section
     built = {name: build_dataclass(cls, raw.get(name), f"{source}: {name}")
              for name, cls in sections.items() if name not in optional or raw.get(name) is not None}
     cfg = RunConfig(**built)
     if cfg.qat is not None and cfg.training.precision in ("fp8", "mxfp8", "fp4"):
         raise ConfigError(f"{source}: qat and training.precision={cfg.training.precision} both replace Linear layers;"
                           " choose one")
+    if cfg.memory is not None and cfg.memory.checkpointing != "none" and cfg.distributed is not None \
+            and cfg.distributed.activation_checkpointing:
+        raise ConfigError(f"{source}: memory.checkpointing and distributed.activation_checkpointing both checkpoint "
+                          "the blocks; choose one")
     if cfg.data.vocab_size != cfg.model.vocab_size:
         raise ConfigError(
             f"{source}: data.vocab_size ({cfg.data.vocab_size}) differs from model.vocab_size ({cfg.model.vocab_size})"

@@ -200,7 +200,13 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
         from nexus.training.qat import prepare_qat
 
         model = prepare_qat(model, cfg.qat)
-    pipeline = None
+    pipeline, checkpointing, offloader = None, None, None
+    if cfg.memory is not None:  # activation checkpointing goes in parallelize's order; offloading per micro-batch
+        from nexus.training.gradient_methods import build_offloader
+
+        offloader = build_offloader(cfg.memory)
+        if cfg.memory.checkpointing != "none":
+            checkpointing = cfg.memory.checkpoint_config()
     if parallel.distributed:  # layers are swapped before they are sharded; one process: the Trainer swaps them
         from nexus.training.distributed.parallelize import parallelize, parallelize_pipeline
         from nexus.training.mixed_precision import apply_precision
@@ -211,14 +217,19 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
 
             set_amax_reduction(model, parallel.dp_group, enabled=parallel.dp_size > 1)
         if parallel.sizes["pp"] > 1:
-            pipeline, model = parallelize_pipeline(model, parallel, _pipeline_loss(args))
+            pipeline, model = parallelize_pipeline(model, parallel, _pipeline_loss(args), checkpointing=checkpointing)
         else:
-            model = parallelize(model, parallel)
+            model = parallelize(model, parallel, checkpointing=checkpointing)
+    elif checkpointing is not None:
+        from nexus.training.gradient_methods import apply_selective_checkpointing
+
+        model = apply_selective_checkpointing(model, checkpointing)
     optimizer = build_optimizer(model, cfg.optimizer, args.max_lr, warmup_steps=args.warmup_steps)
     # schedule-free replaces the LR schedule (its iterate averaging is the decay)
     scheduler = None if cfg.optimizer.type == "schedule_free" else build_scheduler(optimizer, args, steps)
     return Trainer(model=model, optimizer=optimizer, lr_scheduler=scheduler, train_loader=train_loader,
-                   val_loader=val_loader, config=cfg, args=args, parallel=parallel, pipeline=pipeline)
+                   val_loader=val_loader, config=cfg, args=args, parallel=parallel, pipeline=pipeline,
+                   offloader=offloader)
 
 
 def _pipeline_loss(args: TrainingArguments):

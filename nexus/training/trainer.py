@@ -214,6 +214,7 @@ class Trainer:
         callbacks: list[TrainerCallback] | None = None,
         parallel: Any = None,
         pipeline: Any = None,
+        offloader: Any = None,
         **overrides: Any,
     ):
         names = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -232,6 +233,7 @@ class Trainer:
         self.device = self.args.resolve_device()
         # a pipeline (nexus.training.distributed.parallelize_pipeline) runs model = PipelineStages(runner)
         self.pipeline = pipeline
+        self.offloader = offloader  # an ActivationOffloader (nexus.training.gradient_methods) or None
         wrapped = _is_wrapped(model) or pipeline is not None
         if self.args.precision in ("fp8", "mxfp8", "fp4") and not wrapped:  # a wrapped model was converted first
             from nexus.training.mixed_precision import apply_precision
@@ -356,7 +358,8 @@ class Trainer:
             # DDP all-reduces gradients in the last micro-batch's backward only
             sync = (self.model.no_sync() if micro < accum - 1 and isinstance(
                 self.model, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext())
-            with sync:
+            offload = self.offloader.offload_context() if self.offloader is not None else contextlib.nullcontext()
+            with sync, offload:
                 with self._autocast():
                     out = self.model(window[:, : self.args.seq_len])
                     loss, parts = self.compute_loss(window, out)

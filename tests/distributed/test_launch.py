@@ -52,6 +52,7 @@ def single(small_run):
 
 LAYOUTS = {  # the `distributed:` section of each 2-rank run
     "fsdp2": "{strategy: fsdp2}",
+    "fsdp2_checkpointed": "{strategy: fsdp2, activation_checkpointing: true}",
     "ddp": "{strategy: ddp}",
     "tp": "{tp: 2}",
     "pp_gpipe": "{pp: 2, pp_schedule: gpipe}",

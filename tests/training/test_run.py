@@ -68,3 +68,19 @@ def test_qat_section_trains_with_fake_quantized_linears(small_run):
     assert "QATLinear" in kinds
     assert type(trainer.model.lm_head).__name__ == "Linear"
     assert result.stop_reason == "max_steps" and changed > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory", ["{checkpointing: heavy_ops}", "{checkpointing: alternate}",
+                                    "{checkpointing: all, offload: {threshold_mb: 0.01}}"])
+def test_memory_section_leaves_training_unchanged(small_run, one_thread, memory):
+    """Recomputation and offloading change where activations live, not the numbers: same parameters."""
+    plain, saver = small_run("memory_plain"), small_run("memory_" + memory.split(",")[0][15:].strip("}"))
+    saver.write_text(saver.read_text() + f"memory: {memory}\n")
+    with forced("reference"):
+        a, _, _ = train_briefly(plain)
+        b, _, _ = train_briefly(saver)
+    blocks = list(b.model.layers)
+    assert any("forward" in vars(block) for block in blocks)  # the blocks really are checkpointed
+    for (name, x), y in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(x, y), name

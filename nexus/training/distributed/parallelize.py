@@ -16,18 +16,13 @@ from torch import nn
 from nexus.training.distributed.mesh import ParallelContext
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each block of ``model.layers`` (a ModuleList, or a pipeline stage's ModuleDict) in
-    backward, with torch's non-reentrant checkpoint wrapper."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def apply_activation_checkpointing(model: nn.Module, config=None, *, blocks=None) -> nn.Module:
+    """Checkpoint each block (``model.layers`` and MTP heads, or ``blocks``) per ``config`` (a
+    ``SelectiveCheckpointConfig``; default: the whole block, recomputed in backward). Blocks keep their
+    class, so the model's own type checks (mixture of depths) still see them."""
+    from nexus.training.gradient_methods import SelectiveCheckpointConfig, apply_selective_checkpointing
 
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, (nn.ModuleList, nn.ModuleDict)) or len(layers) == 0:
-        raise ValueError(f"activation checkpointing wraps model.layers, and {type(model).__name__} has none")
-    keys = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
-    for key in keys:
-        layers[key] = checkpoint_wrapper(layers[key], preserve_rng_state=True)
-    return model
+    return apply_selective_checkpointing(model, config or SelectiveCheckpointConfig(policy="all"), blocks=blocks)
 
 
 class PipelineStages(nn.Module):
@@ -56,7 +51,8 @@ class PipelineStages(nn.Module):
         raise RuntimeError("a pipeline's stages run through its PipelineRunner (Trainer does this), not forward()")
 
 
-def parallelize_pipeline(model: nn.Module, ctx: ParallelContext, loss_fn) -> tuple[object, PipelineStages]:
+def parallelize_pipeline(model: nn.Module, ctx: ParallelContext, loss_fn, *,
+                         checkpointing=None) -> tuple[object, PipelineStages]:
     """Split ``model`` into the pipeline stages of ``ctx.mesh["pp"]`` (``ctx.config.pp_schedule``,
     ``pp_microbatches``) and parallelize each local stage like a model; returns the runner and
     :class:`PipelineStages` over this rank's stages."""
@@ -68,14 +64,16 @@ def parallelize_pipeline(model: nn.Module, ctx: ParallelContext, loss_fn) -> tup
     pipeline = PipelineConfig(schedule=cfg.pp_schedule, n_microbatches=cfg.pp_microbatches)
     counts = (model.num_parameters(), model.num_parameters(active=True))
     runner = build_pipeline(model, ctx.mesh["pp"], pipeline, loss_fn,
-                            parallelize_fn=lambda stage: parallelize(stage, ctx, blocks=stage.blocks()))
+                            parallelize_fn=lambda stage: parallelize(stage, ctx, blocks=stage.blocks(),
+                                                                      checkpointing=checkpointing))
     return runner, PipelineStages(runner, counts)
 
 
-def parallelize(model: nn.Module, ctx: ParallelContext, *, blocks=None) -> nn.Module:
+def parallelize(model: nn.Module, ctx: ParallelContext, *, blocks=None, checkpointing=None) -> nn.Module:
     """``model`` (or one pipeline stage, with its ``blocks``) placed on ``ctx.mesh`` as ``ctx.config``
     says; returns the module to train. A pipeline (pp > 1) goes through :func:`parallelize_pipeline`,
-    which calls this per stage. One process gets only activation checkpointing, when asked for.
+    which calls this per stage. ``checkpointing``: the run file's ``memory:`` policy (a
+    ``SelectiveCheckpointConfig``), in activation checkpointing's place in the order.
     """
     cfg = ctx.config
     sizes = ctx.sizes
@@ -85,8 +83,8 @@ def parallelize(model: nn.Module, ctx: ParallelContext, *, blocks=None) -> nn.Mo
         from nexus.training.distributed.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx.mesh["tp"], sequence_parallel=cfg.sequence_parallel)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    if cfg.activation_checkpointing or checkpointing is not None:
+        apply_activation_checkpointing(model, checkpointing, blocks=blocks)
     if ctx.dp_size == 1:
         return model
     if cfg.strategy == "ddp":
