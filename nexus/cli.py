@@ -24,19 +24,33 @@ def _train(ns: argparse.Namespace) -> int:
     ranks = f"; {trainer.parallel.world_size} ranks {trainer.parallel.sizes}" if trainer.parallel.distributed else ""
     say(f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; device {trainer.device}{ranks}")
     result = trainer.train(resume_from=ns.resume)
-    if trainer.parallel.distributed:  # leave together: a rank that tears Gloo down early aborts its peers
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
     if result.stop_reason == "signal":  # the trainer has said where to resume from
         for sig in (signal.SIGINT, signal.SIGTERM):  # the work is saved: a late second Ctrl-C changes nothing
             signal.signal(sig, signal.SIG_IGN)
-        return 128 + result.signal  # what a shell reports for a process the signal killed: 143, 130
-    if result.stop_reason != "finished":
-        say(f"stopped at step {result.step} ({result.stop_reason}); {result.tokens_seen:,} tokens; "
-              f"last checkpoint {result.last_checkpoint}")
-    return 3 if result.stop_reason == "nonfinite_loss" else 0
+        code = 128 + result.signal  # what a shell reports for a process the signal killed: 143, 130
+    else:
+        if result.stop_reason != "finished":
+            say(f"stopped at step {result.step} ({result.stop_reason}); {result.tokens_seen:,} tokens; "
+                f"last checkpoint {result.last_checkpoint}")
+        code = 3 if result.stop_reason == "nonfinite_loss" else 0
+    if trainer.parallel.distributed:
+        _leave_process_group(code)
+    return code
+
+
+def _leave_process_group(code: int) -> None:
+    """Leave together (a rank that tears Gloo down early aborts its peers) and exit at once: torch's
+    static destructors at interpreter shutdown can find Gloo threads still joinable and abort the
+    process ("terminate called without an active exception", 2 runs in 5 under mpirun here)."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _prepare(ns: argparse.Namespace) -> int:
