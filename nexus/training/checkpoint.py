@@ -169,7 +169,9 @@ def remove(path: Path) -> None:
 def saved_step(path: Path) -> int:
     """The step a checkpoint file (or directory of shards) holds, reading as little as possible."""
     if path.is_dir():
-        return torch.load(path / "extra.pt", map_location="cpu", weights_only=True)["step"]
+        from nexus.training.distributed.checkpointing import EXTRA_FILE
+
+        return torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=True)["step"]
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
 
 
