@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -135,6 +136,30 @@ def prepare_data(*, data_dir, vocab_size: int, max_corpus_bytes: int | None = No
                          "or neither to use the default standard-library corpus")
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    with _one_at_a_time(data_dir):
+        return _prepare(data_dir, vocab_size, max_corpus_bytes, tokenizer_path, train_files, val_files, seed,
+                        t_start)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(data_dir: Path):
+    """One preparation per data directory at a time (ranks under a launcher, two shells): the second
+    waits on an OS file lock, then finds every file up to date. No lock where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(data_dir / ".prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare(data_dir: Path, vocab_size, max_corpus_bytes, tokenizer_path, train_files, val_files, seed,
+             t_start: float) -> PreparedData:
     manifest_path = data_dir / _MANIFEST
     old = _load_manifest(manifest_path)
 

@@ -23,8 +23,8 @@ import torch
 
 from nexus.models.moe import MoEConfig, MoEFeedForward, MoETransformer, RoutingMamba
 from nexus.training.losses import multi_token_prediction_loss
-from tests.distributed.steering import steer_experts
 from tests.distributed.harness import run_distributed
+from tests.distributed.models import steer_experts
 
 # every feature on: layer 0 attention + dense, 1 attention + MoE, 2 RoM + dense, 3 MoD(attention + MoE),
 # one extra MTP head

@@ -31,15 +31,11 @@ from torch import nn
 from nexus.models.moe import MoEConfig, MoEFeedForward, MoETransformer, RoutingMamba
 from nexus.training.distributed.fsdp2 import FSDP2Config, find_blocks, wrap_model_fsdp2
 from nexus.training.losses import multi_token_prediction_loss
-from tests.distributed.steering import steer_experts
 from tests.distributed.harness import run_distributed_checks
+from tests.distributed.models import MOE_CONFIG, steer_experts
 
 # every feature on: layer 0 attention + MoE, layer 1 MoD(RoM + MoE), one extra MTP head
-CONFIG = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32, d_ff_dense=32, max_seq_len=32,
-              use_moe=True, n_experts=4, moe_top_k=2, n_shared_experts=1, moe_layer_interval=1, use_mod=True,
-              mod_capacity_factor=0.5, mod_layer_interval=2, use_mamba=True, mamba_layer_interval=2, mamba_d_state=8,
-              mamba_expand=2, mamba_head_dim=16, mamba_chunk_size=8, rom_n_experts=2, rom_top_k=1, n_pred_tokens=2,
-              balance_loss_weight=0.0, router_z_loss_weight=1e-3)
+CONFIG = MOE_CONFIG
 SEQ, GLOBAL, STEPS, LR, EPS = 16, 4, 3, 1e-2, 1e-6
 HALF = CONFIG["vocab_size"] // 2
 GRAD_ATOL, PARAM_ATOL = 1e-6, 5e-5

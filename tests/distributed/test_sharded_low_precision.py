@@ -47,20 +47,13 @@ from nexus.training.mixed_precision import (
 )
 from nexus.training.mixed_precision.fp8 import set_amax_reduction
 from nexus_kernels._backend import forced
-from tests.distributed.steering import steer_experts
 from tests.distributed.harness import run_distributed_checks
+from tests.distributed.models import MOE_CONFIG, spawns, steer_experts
 
 
 
-def spawns(test):
-    """The marks of a test that reads the module's 2-rank spawn."""
-    return pytest.mark.slow(pytest.mark.distributed(test))
 
-CONFIG = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32, d_ff_dense=32, max_seq_len=32,
-              use_moe=True, n_experts=4, moe_top_k=2, n_shared_experts=1, moe_layer_interval=1, use_mod=True,
-              mod_capacity_factor=0.5, mod_layer_interval=2, use_mamba=True, mamba_layer_interval=2, mamba_d_state=8,
-              mamba_expand=2, mamba_head_dim=16, mamba_chunk_size=8, rom_n_experts=2, rom_top_k=1, n_pred_tokens=2,
-              balance_loss_weight=0.0, router_z_loss_weight=1e-3)
+CONFIG = MOE_CONFIG
 SEQ, GLOBAL_SEQUENCES, GLOBAL_ROWS, STEPS, LR = 16, 4, 128, 3, 1e-2
 HALF = CONFIG["vocab_size"] // 2
 WORLD = 2

@@ -57,19 +57,13 @@ from nexus.training.optimizers.muon import get_muon_optimizer
 from nexus.training.optimizers.soap import SOAP
 from nexus_kernels._backend import forced
 from tests.distributed.harness import run_distributed
+from tests.distributed.models import MOE_CONFIG, spawns
 
 
 
-def spawns(test):
-    """The marks of a test that spawns Gloo ranks (through the module's fixtures)."""
-    return pytest.mark.slow(pytest.mark.distributed(test))
 
 
-CONFIG = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32, d_ff_dense=32, max_seq_len=32,
-              use_moe=True, n_experts=4, moe_top_k=2, n_shared_experts=1, moe_layer_interval=1, use_mod=True,
-              mod_capacity_factor=0.5, mod_layer_interval=2, use_mamba=True, mamba_layer_interval=2, mamba_d_state=8,
-              mamba_expand=2, mamba_head_dim=16, mamba_chunk_size=8, rom_n_experts=2, rom_top_k=1, n_pred_tokens=2,
-              balance_loss_weight=0.0, router_z_loss_weight=1e-3)
+CONFIG = MOE_CONFIG
 SEQ, GLOBAL, STEPS, RESUME_AT = 16, 4, 4, 2
 ODD_BATCH = 16  # rows per step: more than any dim, so each gradient has full rank (SOAP's bases are unique)
 SHADOW_ATOL, INDEPENDENT_ATOL = 1e-12, 1e-7
