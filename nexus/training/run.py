@@ -225,6 +225,10 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
 
         model = apply_selective_checkpointing(model, checkpointing)
     optimizer = build_optimizer(model, cfg.optimizer, args.max_lr, warmup_steps=args.warmup_steps)
+    if parallel.distributed:  # ZeRO-1 and ZeRO++ partition the optimizer's state themselves
+        from nexus.training.distributed.zero import shard_optimizer
+
+        optimizer = shard_optimizer(optimizer, parallel)
     # schedule-free replaces the LR schedule (its iterate averaging is the decay)
     scheduler = None if cfg.optimizer.type == "schedule_free" else build_scheduler(optimizer, args, steps)
     return Trainer(model=model, optimizer=optimizer, lr_scheduler=scheduler, train_loader=train_loader,

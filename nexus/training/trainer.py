@@ -381,6 +381,8 @@ class Trainer:
             found_inf = self.scaler.found_inf(self.optimizer)  # unscales the gradients first
         if self.pipeline is not None:  # the norm over every stage, on every pipeline rank
             grad_norm = self.pipeline.clip_grad_norm_(max_norm)
+        elif hasattr(self.optimizer, "clip_grad_norm_"):  # ZeRO++: the norm of the averaged, partitioned gradient
+            grad_norm = self.optimizer.clip_grad_norm_(max_norm)
         elif params:
             grad_norm = clip_grad_norm(params, max_norm)
         else:
@@ -484,7 +486,12 @@ class Trainer:
             "config": ckpt.plain_data(self.config),  # for reference; enums as their values
         }
         if weights:
-            state.update(model=self.unwrapped_model.state_dict(), optimizer=self.optimizer.state_dict())
+            optimizer = {}
+            if hasattr(self.optimizer, "consolidate_state_dict"):  # ZeRO-1: every rank sends its share to rank 0
+                self.optimizer.consolidate_state_dict(to=0)
+            if self.is_main or not hasattr(self.optimizer, "consolidate_state_dict"):
+                optimizer = self.optimizer.state_dict()
+            state.update(model=self.unwrapped_model.state_dict(), optimizer=optimizer)
         return state
 
     def _write_checkpoint(self, path: Path, write) -> None:

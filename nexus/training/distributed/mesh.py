@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-STRATEGIES = ("ddp", "fsdp2")
+STRATEGIES = ("ddp", "fsdp2", "zero", "zero++")
 PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
 
 
@@ -33,8 +33,10 @@ class DistributedConfig:
     """How the world is split. ``dp_shard=-1`` takes whatever the other dims leave of the world.
 
     strategy: how the data-parallel dims hold the model: ``fsdp2`` (sharded; ``sharding_strategy``
-    full | shard_grad_op | hybrid | no_shard) or ``ddp`` (replicated). ``pp_schedule``: 1f1b | gpipe |
-    interleaved_1f1b with ``pp_microbatches`` (default: 2 x pp).
+    full | shard_grad_op | hybrid | no_shard), ``ddp`` (replicated), ``zero`` (ZeRO ``zero_stage`` 1 | 2 | 3,
+    with ``offload_optimizer`` / ``offload_params``: see ``zero.py``) or ``zero++`` (an unwrapped model on
+    every rank and ``ZeroPlusPlusOptimizer``; ``zero_plusplus`` holds its ``ZeroPlusPlusConfig`` fields).
+    ``pp_schedule``: 1f1b | gpipe | interleaved_1f1b with ``pp_microbatches`` (default: 2 x pp).
     """
 
     strategy: str = "fsdp2"
@@ -52,6 +54,10 @@ class DistributedConfig:
     pp_microbatches: int | None = None
     backend: str | None = None  # gloo | nccl; default: nccl on CUDA, gloo otherwise
     timeout_s: float = 1800.0
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    zero_plusplus: dict | None = None  # ZeroPlusPlusConfig fields, e.g. {quantize_gradients: true}
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -67,15 +73,45 @@ class DistributedConfig:
             raise ValueError(f"distributed.pp_microbatches must be >= 1, got {self.pp_microbatches}")
         if self.backend not in (None, "gloo", "nccl"):
             raise ValueError(f"distributed.backend must be gloo or nccl, got {self.backend!r}")
-        if self.strategy == "ddp" and self.dp_shard not in (1, -1):
-            raise ValueError("distributed.strategy ddp replicates the model: use dp_replicate, not dp_shard")
+        if self.replicated and self.dp_shard not in (1, -1):
+            raise ValueError(f"distributed.strategy {self.strategy} replicates the model: use dp_replicate, not dp_shard")
+        if self.strategy == "zero":
+            self.zero_config()  # validates stage and offload
+        if self.strategy == "zero++":
+            for name in ("tp", "pp", "cp"):
+                if getattr(self, name) > 1:
+                    raise ValueError(f"distributed.strategy zero++ runs data parallel only; {name} must be 1")
+            self.zero_plusplus_config()
+        elif self.zero_plusplus is not None:
+            raise ValueError("distributed.zero_plusplus is set but strategy is not zero++")
+
+    @property
+    def replicated(self) -> bool:
+        """Every data-parallel rank holds the whole model: ddp, ZeRO stage 1 and ZeRO++."""
+        return self.strategy in ("ddp", "zero++") or (self.strategy == "zero" and self.zero_stage == 1)
+
+    def zero_config(self):
+        """The ``ZeROConfig`` of ``strategy: zero``."""
+        from nexus.training.distributed.zero import ZeROConfig
+
+        return ZeROConfig(stage=self.zero_stage, offload_optimizer=self.offload_optimizer,
+                          offload_params=self.offload_params)
+
+    def zero_plusplus_config(self):
+        """The ``ZeroPlusPlusConfig`` of ``strategy: zero++`` (its defaults, updated by ``zero_plusplus``)."""
+        from nexus.training.distributed.zero_plusplus import ZeroPlusPlusConfig
+
+        try:
+            return ZeroPlusPlusConfig(**(self.zero_plusplus or {}))
+        except TypeError as exc:
+            raise ValueError(f"distributed.zero_plusplus: {exc}") from None
 
     def sizes(self, world_size: int) -> dict[str, int]:
         """Each mesh dim's size for ``world_size`` ranks; raises when they do not multiply to it."""
         sizes = {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp, "tp": self.tp}
         if self.dp_shard == -1:
             sizes["dp_shard"] = max(world_size // (self.pp * self.dp_replicate * self.cp * self.tp), 1)
-        if self.strategy == "ddp":  # a replicated model: every data-parallel rank is a replica
+        if self.replicated:  # every data-parallel rank is a replica
             sizes["dp_replicate"], sizes["dp_shard"] = sizes["dp_replicate"] * sizes["dp_shard"], 1
         product = 1
         for size in sizes.values():

@@ -85,8 +85,12 @@ def parallelize(model: nn.Module, ctx: ParallelContext, *, blocks=None, checkpoi
         apply_tensor_parallel(model, ctx.mesh["tp"], sequence_parallel=cfg.sequence_parallel)
     if cfg.activation_checkpointing or checkpointing is not None:
         apply_activation_checkpointing(model, checkpointing, blocks=blocks)
-    if ctx.dp_size == 1:
+    if ctx.dp_size == 1 or cfg.strategy == "zero++":  # ZeRO++: the optimizer partitions and communicates
         return model
+    if cfg.strategy == "zero":
+        from nexus.training.distributed.zero import wrap_zero
+
+        return wrap_zero(model, cfg.zero_config(), ctx, blocks=blocks)
     if cfg.strategy == "ddp":
         from nexus.training.distributed.data_parallel import wrap_data_parallel
 
