@@ -5,7 +5,7 @@ Example:
     >>> out = MoETransformer(MoEConfig(**TINY_CONFIG))(torch.randint(0, 4096, (2, 16)))
 """
 
-from nexus.models.moe.attention import GroupedQueryAttention, sdpa_core
+from nexus.models.moe.attention import GroupedQueryAttention, KVCache, LayerKVCache, sdpa_core
 from nexus.models.moe.config import FIVE_B_CONFIG, TINY_CONFIG, LayerSpec, MoEConfig
 from nexus.models.moe.mamba import RoutingMamba, ssd_scan, ssd_scan_reference
 from nexus.models.moe.mod import MixtureOfDepths, mod_capacity
@@ -16,7 +16,8 @@ from nexus.models.moe.moe import (DispatchPlan, MoEFeedForward, RouterLosses, Sw
 from nexus.models.moe.norm import RMSNorm
 
 __all__ = [
-    "FIVE_B_CONFIG", "TINY_CONFIG", "DispatchPlan", "GroupedQueryAttention", "LayerSpec", "MixtureOfDepths",
+    "FIVE_B_CONFIG", "TINY_CONFIG", "DispatchPlan", "GroupedQueryAttention", "KVCache", "LayerKVCache", "LayerSpec",
+    "MixtureOfDepths",
     "MoEConfig", "MoEFeedForward", "MoEOutput", "MoETransformer", "MTPHead", "RMSNorm", "RouterLosses",
     "RoutingMamba", "SwiGLU", "TransformerBlock", "dispatch_experts", "expert_capacity", "load_balance_loss",
     "mod_capacity", "plan_dispatch", "router_z_loss", "run_experts", "sdpa_core", "ssd_scan", "ssd_scan_reference",

@@ -2,6 +2,9 @@
 
 The attention core is a swappable callable (``GroupedQueryAttention.core``) with the signature of
 :func:`sdpa_core`, so a ring/context-parallel kernel can replace it without touching projections.
+
+Incremental decoding: given a :class:`LayerKVCache`, the layer appends the new keys/values to it and
+lets the new queries (the last positions) attend to every cached key up to their own position.
 """
 
 from __future__ import annotations
@@ -34,10 +37,67 @@ def sdpa_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
+class LayerKVCache:
+    """Keys and values [B, Hkv, S, D] that one attention layer has seen, for incremental decoding.
+
+    Grows by concatenation (simple; fine for the short samples of RLHF rollouts).
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add k, v [B, Hkv, t, D]; return every key and value so far, [B, Hkv, S + t, D]."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """One :class:`LayerKVCache` per trunk layer and the number of tokens already decoded.
+
+    Pass it to :meth:`nexus.models.moe.MoETransformer.forward` (``cache=``): the prompt once, then
+    one token at a time; ``length`` is advanced by the model.
+
+    Example:
+        >>> cache = KVCache()
+        >>> logits = model(prompt, cache=cache).logits[:, -1]  # cache.length == prompt.shape[1]
+        >>> logits = model(next_token[:, None], cache=cache).logits[:, -1]
+    """
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.layers: dict[int, LayerKVCache] = {}
+
+    def layer(self, index: int) -> LayerKVCache:
+        return self.layers.setdefault(index, LayerKVCache())
+
+
+def cached_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last ``t`` positions over all ``S`` keys (query i sits at S - t + i).
+
+    Shapes: q [B, H, t, D]; k, v [B, Hkv, S, D] with S >= t -> [B, H, t, D].
+    """
+    t, s = q.shape[2], k.shape[2]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if t == 1:  # the one new token sees every key: no mask needed
+        return F.scaled_dot_product_attention(q, k, v)
+    query_pos = torch.arange(s - t, s, device=q.device)
+    mask = torch.arange(s, device=q.device)[None, :] <= query_pos[:, None]  # True: may attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class GroupedQueryAttention(nn.Module):
     """Causal self-attention with ``n_kv_heads`` key/value heads shared by ``n_heads`` query heads.
 
-    Shapes: x [B, T, d_model], positions [T] or [B, T] -> [B, T, d_model], dtype of x.
+    Shapes: x [B, T, d_model], positions [T] or [B, T] -> [B, T, d_model], dtype of x. With
+    ``cache`` (a :class:`LayerKVCache`), x holds only the new tokens at ``positions`` and attends to
+    the cached ones too (inference: no dropout, the plain core).
 
     Example:
         >>> attn = GroupedQueryAttention(64, n_heads=4, n_kv_heads=2)
@@ -58,7 +118,7 @@ class GroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         # heads from the projection width, not the config: under tensor parallel a rank holds a slice
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -66,5 +126,9 @@ class GroupedQueryAttention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, dtype=q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.core(q, k, v, self.dropout if self.training else 0.0)
+        if cache is not None:
+            k, v = cache.append(k, v)
+            out = cached_attention_core(q, k, v)
+        else:
+            out = self.core(q, k, v, self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

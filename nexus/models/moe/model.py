@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nexus.models.moe.attention import GroupedQueryAttention
+from nexus.models.moe.attention import GroupedQueryAttention, KVCache, LayerKVCache
 from nexus.models.moe.config import LayerSpec, MoEConfig
 from nexus.models.moe.mamba import RoutingMamba
 from nexus.models.moe.mod import MixtureOfDepths
@@ -82,13 +82,17 @@ class TransformerBlock(nn.Module):
             self.ffn = SwiGLU(c.d_model, c.dense_hidden)
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, list[RouterLosses]]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None = None
+                ) -> tuple[torch.Tensor, list[RouterLosses]]:
         losses: list[RouterLosses] = []
         if isinstance(self.mixer, RoutingMamba):
+            if cache is not None:
+                raise ValueError("incremental decoding (cache=) supports attention mixers only, not RoM (use_mamba)")
             mixed, rl = self.mixer(self.mixer_norm(x))
             losses.append(rl)
         else:
-            mixed = self.mixer(self.mixer_norm(x), positions)
+            mixed = self.mixer(self.mixer_norm(x), positions, cache) if cache is not None else \
+                self.mixer(self.mixer_norm(x), positions)
         x = x + self.dropout(mixed)
         if isinstance(self.ffn, MoEFeedForward):
             ff, rl = self.ffn(self.ffn_norm(x))
@@ -143,6 +147,12 @@ class MoETransformer(nn.Module):
 
     Shapes: input_ids [B, T] int64, T <= max_seq_len -> :class:`MoEOutput` (fp32 by default).
 
+    Incremental decoding: ``forward(ids, cache=KVCache())`` with the prompt, then with each new
+    token [B, 1] and the same cache, gives the logits a full forward would give at those positions
+    (a model without RoM and MoD layers, with dropless experts: MoD's top-k over the sequence and
+    fixed expert capacity both depend on later or other tokens). Extra MTP heads are not run then
+    (``mtp_logits`` is empty).
+
     Example:
         >>> model = MoETransformer(MoEConfig(**TINY_CONFIG))
         >>> out = model(torch.randint(0, 4096, (2, 16)))  # out.logits: [2, 16, 4096]
@@ -192,8 +202,10 @@ class MoETransformer(nn.Module):
         if self.config.tie_embeddings:  # the Linear loop above re-initialised the shared tensor
             nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
 
-    def forward(self, input_ids: torch.Tensor) -> MoEOutput:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> MoEOutput:
         b, t = input_ids.shape
+        if cache is not None:
+            return self._forward_cached(input_ids, cache)
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} > max_seq_len {self.config.max_seq_len}")
         positions = torch.arange(t, device=input_ids.device)
@@ -201,7 +213,30 @@ class MoETransformer(nn.Module):
         h, moe_losses, rom_losses, mod_fractions = run_layers(self.layers, h, positions)
         logits = self.lm_head(self.norm(h))
         mtp_logits = tuple(self.lm_head(head(h, positions)) for head in self.mtp_heads)
+        return self._output(logits, mtp_logits, moe_losses, rom_losses, mod_fractions)
 
+    def _forward_cached(self, input_ids: torch.Tensor, cache: KVCache) -> MoEOutput:
+        """The new tokens ``input_ids`` [B, t] after the ``cache.length`` cached ones (see the class docstring)."""
+        c = self.config
+        for name, off in (("use_mamba", c.use_mamba), ("use_mod", c.use_mod),
+                          ("moe_capacity_factor", c.use_moe and c.moe_capacity_factor is not None)):
+            if off:
+                raise ValueError(f"incremental decoding (cache=) needs a causal per-token model: {name}="
+                                 f"{getattr(c, name)!r} is not supported")
+        t = input_ids.shape[1]
+        if cache.length + t > c.max_seq_len:
+            raise ValueError(f"sequence length {cache.length + t} > max_seq_len {c.max_seq_len}")
+        positions = torch.arange(cache.length, cache.length + t, device=input_ids.device)
+        h = self.dropout(self.embed_tokens(input_ids))
+        moe_losses: list[RouterLosses] = []
+        for i, layer in enumerate(self.layers):
+            h, losses = layer(h, positions, cache.layer(i))
+            moe_losses.extend(losses)
+        cache.length += t
+        return self._output(self.lm_head(self.norm(h)), (), moe_losses, [], [])
+
+    def _output(self, logits: torch.Tensor, mtp_logits: tuple[torch.Tensor, ...], moe_losses: list[RouterLosses],
+                rom_losses: list[RouterLosses], mod_fractions: list[float]) -> MoEOutput:
         all_losses = moe_losses + rom_losses
         if all_losses:
             balance = torch.stack([rl.balance for rl in all_losses]).sum()
