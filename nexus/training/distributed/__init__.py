@@ -18,6 +18,7 @@ _EXPORTS = {
     "PipelineConfig": "pipeline_parallel", "build_pipeline": "pipeline_parallel", "PipelineRunner": "pipeline_parallel",
     "parallelize": "parallelize", "parallelize_pipeline": "parallelize",
     "apply_activation_checkpointing": "parallelize",
+    "ZeROConfig": "zero", "apply_zero": "zero",
     "save_sharded": "checkpointing", "load_sharded": "checkpointing", "export_safetensors": "checkpointing",
 }
 __all__ = sorted(_EXPORTS)
