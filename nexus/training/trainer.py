@@ -144,6 +144,12 @@ class TrainerCallback:
     def on_evaluate(self, trainer: Trainer, metrics: dict) -> None: ...
     def on_save(self, trainer: Trainer, path: Path) -> None: ...
     def on_train_end(self, trainer: Trainer) -> None: ...
+    def on_task_end(self, trainer: Trainer) -> None: ...  # trainer.start_task: the finished task's loaders still set
+
+    def extra_loss(self, trainer: Trainer, window: torch.Tensor, out: Any) -> torch.Tensor | None:
+        """A term added to each micro-batch's loss (a continual-learning regulariser); ``out`` is the model's
+        output on ``window[:, :seq_len]``. A callback with ``state_dict``/``load_state_dict`` is checkpointed."""
+        return None
 
 
 @dataclasses.dataclass
@@ -363,6 +369,7 @@ class Trainer:
                 with self._autocast():
                     out = self.model(window[:, : self.args.seq_len])
                     loss, parts = self.compute_loss(window, out)
+                    loss = self._add_extra_losses(loss, parts, window, out)
                 if micro == 0 and getattr(self.optimizer, "hessian_due", False):
                     # Sophia's Gauss-Newton-Bartlett estimate reuses this forward's logits (graph still alive);
                     # a non-finite loss must not reach its Hessian state
@@ -409,6 +416,27 @@ class Trainer:
         sums.update(loss=loss, lm_loss=lm_loss, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                     tokens=tokens)
         return sums
+
+    def _add_extra_losses(self, loss: torch.Tensor, parts: dict, window: torch.Tensor, out: Any) -> torch.Tensor:
+        extras = [e for e in (cb.extra_loss(self, window, out) for cb in self.callbacks) if e is not None]
+        if extras:
+            extra = torch.stack([e.reshape(()).to(loss.dtype) for e in extras]).sum()
+            parts["extra_loss"] = extra.detach()
+            loss = loss + extra
+        return loss
+
+    def start_task(self, train_loader: Any, val_loader: Any = None) -> None:
+        """A continual-learning task boundary: callbacks' ``on_task_end`` run on the finished task (EWC computes its
+        Fisher there), then training goes on with the next task's loaders; the step count continues."""
+        for cb in self.callbacks:
+            cb.on_task_end(self)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self._data_iter, self.micro_batches_seen = None, 0  # the data position counts within the task
+        self.best_metric, self.evals_without_improvement = None, 0
+
+    def _callback_states(self) -> dict:
+        return {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)
+                if callable(getattr(cb, "state_dict", None))}
 
     def _agree(self, loss, lm_loss, grad_norm, found_inf):
         """The step's one host read: losses averaged over the ranks, gradient norm, overflow and stop
@@ -482,6 +510,7 @@ class Trainer:
             "data": self._data_state(),
             "best_metric": self.best_metric,
             "evals_without_improvement": self.evals_without_improvement,
+            "callbacks": self._callback_states(),  # curriculum position, EWC Fisher and anchors, ...
             "args": ckpt.plain_data(self.args),
             "config": ckpt.plain_data(self.config),  # for reference; enums as their values
         }
@@ -590,6 +619,10 @@ class Trainer:
             self.micro_batches_seen = state["data"]["micro_batches"]
             self.best_metric = state["best_metric"]
             self.evals_without_improvement = state["evals_without_improvement"]
+            saved = state.get("callbacks", {})
+            for key, cb in ((f"{i}:{type(cb).__name__}", cb) for i, cb in enumerate(self.callbacks)):
+                if key in saved:
+                    cb.load_state_dict(saved[key])
             ckpt.set_rng_state(state["rng"])
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run: {exc!r}") from exc
