@@ -6,6 +6,7 @@ runs the reference. Each public function calls a ``torch.ops.nexus`` custom op (
 from nexus_kernels._backend import BackendError, forced, select
 from nexus_kernels.attention import block_attention_backward, block_attention_forward, merge_attention
 from nexus_kernels.cast import cast_to_fp, cast_to_fp_bits, decode_fp_bits
+from nexus_kernels.comm_quant import COMM_FORMATS, packed_nbytes, quantize_pack, unpack_dequantize
 from nexus_kernels.mx import from_mx, to_mx
 from nexus_kernels.newton_schulz import POLAR_EXPRESS_COEFFS, orthogonalize, orthogonalize_reference, polar_express_coeffs
 from nexus_kernels.soap import (
