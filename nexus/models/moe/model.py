@@ -202,13 +202,19 @@ class MoETransformer(nn.Module):
         if self.config.tie_embeddings:  # the Linear loop above re-initialised the shared tensor
             nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> MoEOutput:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> MoEOutput:
+        """``positions`` [T] int64: the tokens' positions in their sequences (rotary embeddings), default
+        0..T-1; context parallelism passes the global positions of its slice."""
         b, t = input_ids.shape
         if cache is not None:
             return self._forward_cached(input_ids, cache)
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} > max_seq_len {self.config.max_seq_len}")
-        positions = torch.arange(t, device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device)
+        elif positions.shape != (t,):
+            raise ValueError(f"positions must be [T] = [{t}] (one per token), got shape {tuple(positions.shape)}")
         h = self.dropout(self.embed_tokens(input_ids))
         h, moe_losses, rom_losses, mod_fractions = run_layers(self.layers, h, positions)
         logits = self.lm_head(self.norm(h))
