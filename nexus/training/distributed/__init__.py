@@ -19,6 +19,7 @@ _EXPORTS = {
     "parallelize": "parallelize", "parallelize_pipeline": "parallelize",
     "apply_activation_checkpointing": "parallelize",
     "ZeROConfig": "zero", "apply_zero": "zero",
+    "ZeroPlusPlusConfig": "zero_plusplus", "ZeroPlusPlusOptimizer": "zero_plusplus",
     "save_sharded": "checkpointing", "load_sharded": "checkpointing", "export_safetensors": "checkpointing",
 }
 __all__ = sorted(_EXPORTS)
