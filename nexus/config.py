@@ -158,6 +158,9 @@ def build_dataclass(cls: type, values: dict | None, where: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
+    synonyms = cls.init_synonyms() if hasattr(cls, "init_synonyms") else {}  # e.g. training: log_interval
+    fields.update(dict.fromkeys(synonyms))
+    hints.update(synonyms)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         close = {k: _closest(k, fields) for k in unknown}

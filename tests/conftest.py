@@ -13,7 +13,7 @@ model: {{vocab_size: 512, d_model: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, d
         mamba_chunk_size: 16, max_seq_len: 64, n_pred_tokens: 2}}
 data: {{data_dir: {data}, vocab_size: 512, max_corpus_bytes: 400000}}
 training: {{output_dir: {out}, seq_len: 32, batch_size: 4, max_steps: 6, warmup_steps: 2, log_interval: 1,
-           eval_interval: 3, eval_steps: 2, save_interval: 3, keep_last: 5, progress_bar: false, device: cpu{extra}}}
+           eval_interval: 3, eval_batches: 2, save_interval: 3, keep_last: 5, progress_bar: false, device: cpu{extra}}}
 optimizer: {{type: {optimizer}}}
 """
 

@@ -52,7 +52,7 @@ def test_minimal_config_loads(tmp_path):
 @pytest.mark.parametrize(
     "patch, pattern",
     [
-        ("training: {seq_len: 32, max_steps: 10, learning_rate: 0.1}", r"training.*'learning_rate'"),
+        ("training: {seq_len: 32, max_steps: 10, learnig_rate: 0.1}", r"training.*'learnig_rate' \(did you mean 'learning_rate'"),
         ("training: {seq_len: 32, max_stepz: 10}", r"did you mean 'max_steps'"),
         ("training: {seq_len: 0, max_steps: 10}", r"training.*seq_len"),
         ("training: {seq_len: 32, max_steps: ten}", r"training.max_steps: expected an integer"),

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import signal
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +30,45 @@ from nexus.training.mixed_precision.config import PRECISIONS
 from nexus.training.preemption import StopSignals
 
 
+# Seed 004's names (and fp16/bf16) as synonyms of the stored fields: accepted by __init__ and run files,
+# read and set as properties; setting a name and its synonym to different values is an error.
+SYNONYMS = {"max_lr": "learning_rate", "batch_size": "train_batch_size", "log_interval": "logging_steps",
+            "eval_interval": "eval_steps", "save_interval": "save_steps"}
+_DEFAULTS = {"learning_rate": 1e-3, "train_batch_size": 8, "logging_steps": 10, "eval_steps": 100, "save_steps": 500}
+BACKENDS = ("nccl", "gloo", "mpi")
+FP16_OPT_LEVELS = ("O1", "O2")
+
+
 @dataclasses.dataclass(kw_only=True)
 class TrainingArguments:
-    """Everything the loop needs besides the model, data and optimizer. Validated when built."""
+    """Everything the loop needs besides the model, data and optimizer. Validated when built.
+
+    Seed 003's names, with seed 004's as synonyms (either spelling, in Python and in run files):
+    ``learning_rate`` (``max_lr``: the schedule's peak), ``train_batch_size`` (``batch_size``: the global
+    batch of one micro-step, split over data-parallel ranks), ``logging_steps`` (``log_interval``: log
+    every N optimizer steps), ``eval_steps`` (``eval_interval``: evaluate every N steps), ``save_steps``
+    (``save_interval``: checkpoint every N steps). ``fp16=True`` / ``bf16=True`` set ``precision``.
+    ``eval_batches`` bounds the validation batches of one evaluation (None: the whole loader).
+    Length: ``max_steps``, else ``total_tokens``, else ``num_epochs`` passes over a finite loader.
+
+    Example::
+        args = TrainingArguments(num_epochs=3, train_batch_size=32, eval_batch_size=64, learning_rate=1e-4,
+                                 warmup_steps=1000, gradient_accumulation_steps=4, max_grad_norm=1.0,
+                                 logging_steps=100, eval_steps=500, save_steps=1000)
+    """
 
     output_dir: str = "runs/default"
     checkpoint_dir: str | None = None  # defaults to output_dir
     seq_len: int = 128
-    batch_size: int = 8
+    train_batch_size: int | None = None  # default 8
+    eval_batch_size: int | None = None  # a validation dataset's batch (default: train_batch_size)
     gradient_accumulation_steps: int = 1
+    num_epochs: int | None = None  # passes over a finite train loader; max_steps / total_tokens win
     max_steps: int | None = None
     total_tokens: int | None = None  # sets max_steps when max_steps is not given
-    max_lr: float = 1e-3
-    min_lr: float = 1e-4
+    learning_rate: float | None = None  # default 1e-3; the peak of the schedule
+    min_lr: float | None = None  # default learning_rate / 10
+    weight_decay: float | None = None  # the Trainer's own AdamW (default 0.1); a run file's optimizer section
     warmup_steps: int = 0
     lr_schedule: str = "cosine"  # cosine | wsd | sgdr | constant
     decay_steps: int | None = None  # wsd: length of the final decay (default: the last 20% of steps)
@@ -49,44 +77,62 @@ class TrainingArguments:
     restart_mult: int = 1  # sgdr: cycle length multiplier T_mult
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
+    fp16_opt_level: str | None = None  # O1 | O2 (apex's names); both are torch AMP here, see mixed_precision()
     fp16_loss_scale: float | None = None  # fp16: a static loss scale (e.g. 128.0); dynamic scaling when unset
     mtp_loss_weight: float = 1.0
-    log_interval: int = 10
-    eval_interval: int = 100
-    eval_steps: int = 20
-    save_interval: int = 500
+    logging_steps: int | None = None  # default 10
+    eval_steps: int | None = None  # default 100
+    eval_batches: int | None = 20  # validation batches per evaluation; None: all
+    save_steps: int | None = None  # default 500
     keep_last: int = 3
     save_best: bool = True
     metric_for_best: str = "val_loss"
     early_stopping_patience: int | None = None
     seed: int = 0
     device: str = "auto"
+    local_rank: int | None = None  # checked against the launcher's LOCAL_RANK; picks cuda:local_rank
+    world_size: int | None = None  # checked against the launcher's world size
+    backend: str | None = None  # nccl | gloo | mpi for the builders' process group (default: nccl on GPUs, gloo)
+    gradient_sync_steps: int | None = None  # DDP: all-reduce every N micro-batches (default: once per step)
     use_wandb: bool = False
     wandb_project: str = "nexus"
     wandb_mode: str = "offline"
     tensorboard: bool = True
     progress_bar: bool = True
+    system_metrics: bool = True  # CPU/RAM (psutil) and GPU utilisation/memory in the logged metrics
     peak_flops: float | None = None  # device peak FLOP/s for model FLOPs utilisation
 
     def __post_init__(self):
-        positive = ("seq_len", "batch_size", "gradient_accumulation_steps", "log_interval", "eval_interval",
-                    "eval_steps", "save_interval", "keep_last")
+        for name, default in _DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.min_lr is None:
+            self.min_lr = self.learning_rate / 10
+        positive = ("seq_len", "train_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps",
+                    "save_steps", "keep_last")
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "total_tokens", "early_stopping_patience"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_steps", "total_tokens", "early_stopping_patience", "num_epochs", "eval_batch_size",
+                     "eval_batches", "gradient_sync_steps", "world_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         steps = self.resolve_max_steps()
         if steps is not None and self.warmup_steps > steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({steps})")
-        if not self.max_lr > 0:
-            raise ValueError(f"max_lr must be positive, got {self.max_lr}")
-        if not 0 <= self.min_lr <= self.max_lr:
-            raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={self.min_lr}, max_lr={self.max_lr}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate (max_lr) must be positive, got {self.learning_rate}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ValueError(f"need 0 <= min_lr <= learning_rate, got min_lr={self.min_lr}, "
+                             f"learning_rate={self.learning_rate}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive or null, got {self.max_grad_norm}")
         if self.lr_schedule not in ("cosine", "wsd", "sgdr", "constant"):
@@ -97,30 +143,65 @@ class TrainingArguments:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.fp16_loss_scale is not None and (self.precision != "fp16" or not self.fp16_loss_scale > 0):
-            raise ValueError(f"fp16_loss_scale ({self.fp16_loss_scale}) needs precision fp16 and a positive value")
+            raise ValueError(f"fp16_loss_scale ({self.fp16_loss_scale}) needs fp16 (precision fp16) and a positive value")
+        if self.fp16_opt_level is not None:
+            if self.fp16_opt_level not in FP16_OPT_LEVELS:
+                raise ValueError(f"fp16_opt_level must be one of {', '.join(FP16_OPT_LEVELS)} (torch AMP), got "
+                                 f"{self.fp16_opt_level!r}; O0 is fp16=False, O3 (pure fp16 weights) is not supported")
+            if self.precision != "fp16":
+                raise ValueError(f"fp16_opt_level={self.fp16_opt_level!r} needs fp16=True (precision fp16), "
+                                 f"got precision {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.local_rank is not None and (isinstance(self.local_rank, bool) or self.local_rank < -1):
+            raise ValueError(f"local_rank must be >= 0 (or -1: not distributed), got {self.local_rank!r}")
+        if self.gradient_sync_steps is not None and self.gradient_sync_steps > self.gradient_accumulation_steps:
+            raise ValueError(f"gradient_sync_steps ({self.gradient_sync_steps}) exceeds gradient_accumulation_steps "
+                             f"({self.gradient_accumulation_steps}): gradients are synchronised at least once per step")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
         if self.metric_for_best not in ("val_loss", "val_perplexity"):
             raise ValueError(f"metric_for_best must be val_loss or val_perplexity, got {self.metric_for_best!r}")
 
+    def replace(self, **changes: Any) -> TrainingArguments:
+        """A copy with ``changes``, which may use the synonyms (``max_lr``, ``log_interval``, ``fp16`` ...)."""
+        return dataclasses.replace(self, **_merge_synonyms(changes, self.precision))
+
+    @classmethod
+    def init_synonyms(cls) -> dict[str, Any]:
+        """The names ``__init__`` takes besides the fields, with their types (for run files)."""
+        hints = typing.get_type_hints(cls)
+        return {**{synonym: hints[name] for synonym, name in SYNONYMS.items()}, "fp16": bool, "bf16": bool}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """Every name ``__init__`` takes: the stored fields and their synonyms."""
+        return {f.name for f in dataclasses.fields(cls)} | set(cls.init_synonyms())
+
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps * self.seq_len
+        return self.train_batch_size * self.gradient_accumulation_steps * self.seq_len
 
-    def resolve_max_steps(self) -> int | None:
+    def resolve_max_steps(self, batches_per_epoch: int | None = None) -> int | None:
+        """``max_steps``, else from ``total_tokens``, else ``num_epochs`` x ``batches_per_epoch`` micro-batches
+        (a finite loader's length) / ``gradient_accumulation_steps``; None when none applies."""
         if self.max_steps is not None:
             return self.max_steps
         if self.total_tokens is not None:
             return max(self.total_tokens // self.tokens_per_step, 1)
+        if self.num_epochs is not None and batches_per_epoch:
+            return max(self.num_epochs * batches_per_epoch // self.gradient_accumulation_steps, 1)
         return None
 
     def mixed_precision(self) -> MixedPrecisionConfig:
-        """Autocast dtype and loss scaling for ``precision`` (fp8/mxfp8/fp4 layers compute in their own formats)."""
+        """Autocast dtype and loss scaling for ``precision`` (fp8/mxfp8/fp4 layers compute in their own formats).
+
+        fp16 is torch AMP: fp32 master weights, fp16 autocast, loss scaling (static with ``fp16_loss_scale``,
+        dynamic otherwise); apex's ``fp16_opt_level`` O1 and O2 both name this recipe.
+        """
         static = self.fp16_loss_scale is not None
         return MixedPrecisionConfig(
             dtype=self.precision if self.precision in ("bf16", "fp16") else "fp32",
@@ -130,10 +211,63 @@ class TrainingArguments:
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if torch.cuda.is_available():
+                return torch.device("cuda", self.local_rank) if self.local_rank not in (None, -1) else torch.device("cuda")
+            return torch.device("cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} was asked for but CUDA is not available")
         return torch.device(self.device)
+
+
+def _synonym_property(name: str) -> property:
+    return property(lambda self: getattr(self, name), lambda self, value: setattr(self, name, value),
+                    doc=f"Synonym of ``{name}``.")
+
+
+for _synonym, _name in SYNONYMS.items():
+    setattr(TrainingArguments, _synonym, _synonym_property(_name))
+TrainingArguments.fp16 = property(lambda self: self.precision == "fp16", doc="precision == 'fp16'")
+TrainingArguments.bf16 = property(lambda self: self.precision == "bf16", doc="precision == 'bf16'")
+
+
+def _merge_synonyms(kwargs: dict, default_precision: str = "fp32") -> dict:
+    """``kwargs`` with each synonym moved onto its field; a name and its synonym that disagree raise."""
+    kwargs = dict(kwargs)
+    for synonym, name in SYNONYMS.items():
+        if synonym not in kwargs:
+            continue
+        other = kwargs.pop(synonym)
+        value = kwargs.get(name)
+        if value is not None and other is not None and value != other:
+            hint = (" (eval_steps is seed 003's 'evaluate every N steps'; the number of validation batches is "
+                    "eval_batches)") if name == "eval_steps" else ""
+            raise ValueError(f"{name}={value!r} and its synonym {synonym}={other!r} disagree: set one{hint}")
+        kwargs[name] = value if value is not None else other
+    fp16, bf16 = kwargs.pop("fp16", None), kwargs.pop("bf16", None)
+    if fp16 and bf16:
+        raise ValueError("fp16=True and bf16=True: choose one")
+    for flag, on in (("fp16", fp16), ("bf16", bf16)):
+        precision = kwargs.get("precision")
+        if on:
+            if precision not in (None, flag):
+                raise ValueError(f"{flag}=True and precision={precision!r} disagree: set one")
+            kwargs["precision"] = flag
+        elif on is False and (precision or default_precision) == flag:
+            if precision == flag:
+                raise ValueError(f"{flag}=False and precision={precision!r} disagree: set one")
+            kwargs["precision"] = "fp32"
+    return kwargs
+
+
+_dataclass_init = TrainingArguments.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_synonyms(self, **kwargs):
+    _dataclass_init(self, **_merge_synonyms(kwargs))
+
+
+TrainingArguments.__init__ = _init_with_synonyms
 
 
 class TrainerCallback:
@@ -223,12 +357,12 @@ class Trainer:
         offloader: Any = None,
         **overrides: Any,
     ):
-        names = {f.name for f in dataclasses.fields(TrainingArguments)}
+        names = TrainingArguments.field_names()
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"Trainer got unknown argument(s) {unknown}; TrainingArguments fields are {sorted(names)}")
         args = args or TrainingArguments()
-        self.args = dataclasses.replace(args, **overrides) if overrides else args
+        self.args = args.replace(**overrides) if overrides else args
         if train_loader is None:
             raise ValueError("train_loader is required")
         from nexus.training.distributed.mesh import current_context
@@ -240,6 +374,12 @@ class Trainer:
         # a pipeline (nexus.training.distributed.parallelize_pipeline) runs model = PipelineStages(runner)
         self.pipeline = pipeline
         self.offloader = offloader  # an ActivationOffloader (nexus.training.gradient_methods) or None
+        # context parallelism (distributed.cp > 1): each window's sequence split over the cp ranks
+        self.context_parallel = None
+        if self.parallel.sizes.get("cp", 1) > 1:
+            from nexus.training.distributed.context_parallelism import SequenceSplit
+
+            self.context_parallel = SequenceSplit(self.parallel.mesh["cp"].get_group(), self.args.seq_len)
         wrapped = _is_wrapped(model) or pipeline is not None
         if self.args.precision in ("fp8", "mxfp8", "fp4") and not wrapped:  # a wrapped model was converted first
             from nexus.training.mixed_precision import apply_precision
@@ -327,16 +467,27 @@ class Trainer:
     def _autocast(self):
         return self.precision.autocast(self.device.type)
 
+    def _forward(self, window: torch.Tensor) -> Any:
+        """The model on ``window[:, :seq_len]``, or on this rank's slice of it under context parallelism."""
+        if self.context_parallel is None:
+            return self.model(window[:, : self.args.seq_len])
+        ids, positions = self.context_parallel.inputs(window)
+        return self.model(ids, positions=positions)
+
     def compute_loss(self, window: torch.Tensor, out: Any = None) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch ``window`` [B, seq_len + n_pred_tokens]; returns (loss, parts).
 
         ``out`` is the model's output on ``window[:, :seq_len]`` when the caller already ran it.
         """
         if out is None:
-            out = self.model(window[:, : self.args.seq_len])
-        total, lm, extra = multi_token_prediction_loss(
-            out.logits, out.mtp_logits, window, mtp_weight=self.args.mtp_loss_weight
-        )
+            out = self._forward(window)
+        if self.context_parallel is not None:  # this rank's tokens; the mean over cp ranks is the global mean
+            total, lm, extra = self.context_parallel.loss(out.logits, out.mtp_logits, window,
+                                                          mtp_weight=self.args.mtp_loss_weight)
+        else:
+            total, lm, extra = multi_token_prediction_loss(
+                out.logits, out.mtp_logits, window, mtp_weight=self.args.mtp_loss_weight
+            )
         aux = getattr(out, "aux_loss", None)
         if aux is not None:
             total = total + aux
@@ -367,7 +518,7 @@ class Trainer:
             offload = self.offloader.offload_context() if self.offloader is not None else contextlib.nullcontext()
             with sync, offload:
                 with self._autocast():
-                    out = self.model(window[:, : self.args.seq_len])
+                    out = self._forward(window)
                     loss, parts = self.compute_loss(window, out)
                     loss = self._add_extra_losses(loss, parts, window, out)
                 if micro == 0 and getattr(self.optimizer, "hessian_due", False):
@@ -458,7 +609,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean next-token loss and perplexity over up to ``eval_steps`` validation batches."""
+        """Mean next-token loss and perplexity over up to ``eval_batches`` validation batches."""
         if self.val_loader is None:
             return {}
         was_training = self.model.training
@@ -472,7 +623,7 @@ class Trainer:
             # Evaluating must not move the training RNG streams (the val loader draws a seed), or resuming would diverge.
             with torch.random.fork_rng(devices=devices):
                 for i, window in enumerate(self.val_loader):
-                    if i >= self.args.eval_steps:
+                    if self.args.eval_batches is not None and i >= self.args.eval_batches:
                         break
                     window = window.to(self.device)
                     if self.pipeline is not None:
@@ -489,6 +640,8 @@ class Trainer:
         both = torch.stack([total, total.new_tensor(float(count))])
         if self.parallel.dp_size > 1:  # each data-parallel rank evaluated its share of every batch
             torch.distributed.all_reduce(both, group=self.parallel.dp_group)
+        if self.context_parallel is not None:  # cp ranks hold shares of each window's loss
+            torch.distributed.all_reduce(both, group=self.context_parallel.group)
         total, count = both.tolist()  # one host read per evaluation
         if count == 0:
             raise ValueError("the validation loader yielded no batches")
@@ -778,7 +931,7 @@ class Trainer:
                     if self._flops_per_token and self.args.peak_flops:
                         metrics["mfu"] = metrics["tokens_per_s"] * self._flops_per_token / self.args.peak_flops
                     progress.update(self.step, loss=metrics["lm_loss"], tokens_per_s=metrics["tokens_per_s"])
-                    if self.step % self.args.log_interval == 0 or self.step == max_steps:
+                    if self.step % self.args.logging_steps == 0 or self.step == max_steps:
                         metrics = self._log_metrics(metrics)
                         self.log(metrics)
                         progress.print_metrics(self.step, max_steps, metrics)
@@ -787,7 +940,7 @@ class Trainer:
                         window_time, window_tokens = 0.0, 0
                     improved = False
                     if self.val_loader is not None and (
-                        self.step % self.args.eval_interval == 0 or self.step == max_steps
+                        self.step % self.args.eval_steps == 0 or self.step == max_steps
                     ):
                         evaluation = self.evaluate()
                         metrics.update(evaluation)
@@ -801,7 +954,7 @@ class Trainer:
                             stop_reason = "early_stopping"
                             self.should_stop = True
                     path = None
-                    if (self.step % self.args.save_interval == 0 or self.step == max_steps or self.should_stop
+                    if (self.step % self.args.save_steps == 0 or self.step == max_steps or self.should_stop
                             or stops.requested is not None):
                         path = self.save_checkpoint()
                         saved_step = self.step

@@ -65,7 +65,7 @@ def make_trainer(tmp_path, *, seed=0, model=None, callbacks=None, **kw):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     defaults = dict(output_dir=str(tmp_path), seq_len=SEQ, batch_size=4, gradient_accumulation_steps=2,
-                    log_interval=1, eval_interval=2, eval_steps=2, save_interval=3, progress_bar=False,
+                    log_interval=1, eval_interval=2, eval_batches=2, save_interval=3, progress_bar=False,
                     tensorboard=False, device="cpu")
     defaults.update(kw)
     return Trainer(model=model, optimizer=opt, lr_scheduler=sched, train_loader=loader, val_loader=val,
