@@ -90,3 +90,98 @@ class ShardedSequentialSampler(Sampler[int]):
         for start in range(0, self.n // chunk * chunk, chunk):
             first = start + self.rank * self.batch_size
             yield from range(first, first + self.batch_size)
+
+
+class CurriculumSampler(ResumableShuffleSampler):
+    """Endless, resumable stream of indices drawn from a pool that a curriculum changes during training.
+
+    ``set_pool(indices, weights=None)`` takes effect from the next index drawn: the stream then runs through
+    passes of ``len(indices)`` draws, each pass a fresh permutation of the pool (or, with ``weights``, draws
+    with replacement in proportion to them), seeded by (seed, pool number, pass). So the index at each
+    position of the stream is fixed by the pool changes before it, and ``state_dict(consumed)`` (position plus
+    the pools from there on) lets a resumed run draw exactly what the uninterrupted run drew, also when a
+    loader had prefetched indices past ``consumed`` when the pool changed.
+
+    Data parallel as ``ResumableShuffleSampler``: one global stream, each rank its ``batch_size`` of every
+    global batch (the curriculum must change the pool identically on every rank).
+
+    Example::
+        sampler = CurriculumSampler(len(dataset), indices=easy_indices)
+        loader = DataLoader(dataset, batch_size=8, sampler=sampler)
+        sampler.set_pool(torch.arange(len(dataset)))      # from now on, everything
+    """
+
+    def __init__(self, n: int, *, indices=None, weights=None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1):
+        super().__init__(n, seed=seed, shuffle=True, rank=rank, world_size=world_size, batch_size=batch_size)
+        self.segments: list[dict] = []  # {"id", "start", "indices", "weights"}, in stream order
+        self._next = 0  # the stream position the live iterator draws next (ahead of use when a loader prefetches)
+        self.set_pool(torch.arange(n) if indices is None else indices, weights)
+
+    def _check_pool(self, indices, weights) -> tuple[torch.Tensor, torch.Tensor | None]:
+        indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if indices.numel() == 0:
+            raise ValueError("the curriculum pool is empty: it must hold at least one sample index")
+        if indices.min() < 0 or indices.max() >= self.n:
+            raise ValueError(f"pool indices must be in [0, {self.n}), got min {int(indices.min())}, "
+                             f"max {int(indices.max())}")
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+            if weights.shape != indices.shape or not bool((weights >= 0).all()) or not weights.sum() > 0:
+                raise ValueError(f"weights must be {indices.numel()} non-negative values, not all zero, one per "
+                                 f"pool index; got shape {tuple(weights.shape)}")
+        return indices, weights
+
+    def set_pool(self, indices, weights=None) -> None:
+        """Draw from ``indices`` (sample ids) from the next position on, uniformly or in proportion to ``weights``."""
+        indices, weights = self._check_pool(indices, weights)
+        start = max(self._next, self.segments[-1]["start"]) if self.segments else self._next
+        if self.segments and self.segments[-1]["start"] == start:  # nothing was drawn from the previous pool
+            self.segments.pop()
+        next_id = self.segments[-1]["id"] + 1 if self.segments else 0
+        self.segments.append({"id": next_id, "start": start, "indices": indices, "weights": weights})
+
+    @property
+    def pool(self) -> torch.Tensor:
+        """The sample ids of the newest pool."""
+        return self.segments[-1]["indices"]
+
+    def _segment_at(self, position: int) -> int:
+        k = 0
+        while k + 1 < len(self.segments) and self.segments[k + 1]["start"] <= position:
+            k += 1
+        return k
+
+    def _pass(self, segment: dict, number: int) -> torch.Tensor:
+        seed = ((self.seed * 1_000_003 + segment["id"]) * 1_000_003 + number) % 2**63
+        g = torch.Generator().manual_seed(seed)
+        indices, weights = segment["indices"], segment["weights"]
+        if weights is None:
+            return indices[torch.randperm(len(indices), generator=g)]
+        return indices[torch.multinomial(weights, len(indices), replacement=True, generator=g)]
+
+    def _stream(self):
+        p = self.position
+        self._next = p
+        cached, order = None, None
+        while True:
+            segment = self.segments[self._segment_at(p)]
+            number, offset = divmod(p - segment["start"], len(segment["indices"]))
+            if cached != (segment["id"], number):
+                cached, order = (segment["id"], number), self._pass(segment, number).tolist()
+            p += 1
+            self._next = p
+            yield order[offset]
+
+    def state_dict(self, consumed: int | None = None) -> dict:
+        """Seed, position and the pools in effect from there on."""
+        position = self.position if consumed is None else consumed
+        first = self._segment_at(position)
+        return {"seed": self.seed, "position": position,
+                "segments": [dict(s) for s in self.segments[first:]]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "segments" in state:
+            self.segments = [dict(s) for s in state["segments"]]
+        self._next = max(self.position, self.segments[-1]["start"])
