@@ -1,0 +1,373 @@
+"""RLHF: losses against formulas written here, GAE against a backward loop, cached sampling against
+recomputation, and tiny runs with a known reward (PPO's reward rises with a bounded KL, DPO's margin
+grows, a reward model ranks held-out pairs), memory flat over DPO steps."""
+import gc
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nexus.models.moe import MoEConfig, MoETransformer
+from nexus.training import rlhf
+from nexus.training.rlhf import DPO, PPO, RewardModel, RewardModeling, RLHFConfig
+
+V, P, N, TARGET = 8, 2, 8, 5  # vocab, prompt length, response length, the token the reward counts
+CAUSAL = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32, d_ff_dense=64,
+              max_seq_len=16, n_experts=2, moe_top_k=1, n_shared_experts=0, moe_layer_interval=2,
+              use_mod=False, use_mamba=False, n_pred_tokens=1)
+
+
+def tiny_moe(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return MoETransformer(MoEConfig(**{**CAUSAL, **overrides}))
+
+
+def count_reward(seq, mask):
+    """The known reward: how many response tokens are TARGET."""
+    return ((seq[:, P:] == TARGET).float() * mask[:, P:]).sum(-1)
+
+
+def preference_pairs(n, seed, length=N):
+    """Pairs of responses after one prompt: chosen has more TARGET tokens than rejected."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, V, (n, P), generator=g)
+    others = torch.tensor([t for t in range(V) if t != TARGET])
+
+    def response(k):  # k TARGET tokens at random places, the rest other tokens
+        r = others[torch.randint(0, V - 1, (n, length), generator=g)]
+        place = torch.rand(n, length, generator=g).argsort(1) < k[:, None]
+        return torch.where(place, torch.full_like(r, TARGET), r)
+
+    k_rej = torch.randint(0, 3, (n,), generator=g)
+    k_cho = k_rej + torch.randint(2, 5, (n,), generator=g)
+    mask = torch.cat([torch.zeros(n, P), torch.ones(n, length)], dim=1)
+    return {"chosen_ids": torch.cat([prompts, response(k_cho)], 1), "chosen_mask": mask,
+            "rejected_ids": torch.cat([prompts, response(k_rej)], 1), "rejected_mask": mask.clone()}
+
+
+def batches(pairs, size):
+    n = pairs["chosen_ids"].shape[0]
+    return [{k: v[i:i + size] for k, v in pairs.items()} for i in range(0, n, size)]
+
+
+# ---- losses against independent formulas ----------------------------------------------------------
+
+
+def _np(t):
+    return t.detach().double().numpy()
+
+
+def _log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+@pytest.fixture
+def logps():
+    g = torch.Generator().manual_seed(0)
+    return [(-10 * torch.rand(16, generator=g, dtype=torch.float64)) for _ in range(4)]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid-smoothed", "ipo", "hinge", "kto_pair"])
+def test_dpo_loss_matches_the_papers_equations(logps, loss_type):
+    pc, pr, rc, rr = (_np(t) for t in logps)
+    beta, ls = 0.3, (0.1 if loss_type == "sigmoid-smoothed" else 0.0)
+    h = (pc - rc) - (pr - rr)
+    if loss_type.startswith("sigmoid"):  # Rafailov et al. eq. 7; conservative DPO's smoothing
+        expected = np.mean(-(1 - ls) * _log_sigmoid(beta * h) - ls * _log_sigmoid(-beta * h))
+    elif loss_type == "ipo":  # Azar et al. eq. 17
+        expected = np.mean((h - 1 / (2 * beta)) ** 2)
+    elif loss_type == "hinge":
+        expected = np.mean(np.maximum(0.0, 1 - beta * h))
+    else:
+        sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+        kl_c, kl_r = max(0.0, np.mean(pc - rc)), max(0.0, np.mean(pr - rr))
+        expected = np.mean(np.concatenate([1 - sig(beta * ((pc - rc) - kl_r)), 1 - sig(beta * (kl_c - (pr - rr)))]))
+    got = rlhf.dpo_loss(*logps, beta=beta, loss_type=loss_type.split("-")[0], label_smoothing=ls)
+    assert got.dim() == 0
+    assert float(got) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_dpo_loss_gradient_pushes_chosen_up_and_rejected_down(logps):
+    pc, pr = (t.clone().requires_grad_() for t in logps[:2])
+    rlhf.dpo_loss(pc, pr, logps[2], logps[3], beta=0.5).backward()
+    # d/d pi_c of -log sigmoid(beta h) = -beta sigmoid(-beta h) / B < 0
+    h = (logps[0] - logps[2]) - (logps[1] - logps[3])
+    torch.testing.assert_close(pc.grad, -0.5 * torch.sigmoid(-0.5 * h) / 16)
+    torch.testing.assert_close(pr.grad, -pc.grad)
+
+
+def test_reward_model_loss_is_bradley_terry():
+    g = torch.Generator().manual_seed(1)
+    c, r = torch.randn(32, generator=g, dtype=torch.float64), torch.randn(32, generator=g, dtype=torch.float64)
+    assert float(rlhf.reward_model_loss(c, r)) == pytest.approx(np.mean(-_log_sigmoid(_np(c) - _np(r))), rel=1e-12)
+    margin = torch.rand(32, generator=g, dtype=torch.float64)
+    assert float(rlhf.reward_model_loss(c, r, margin)) == pytest.approx(
+        np.mean(-_log_sigmoid(_np(c) - _np(r) - _np(margin))), rel=1e-12)
+
+
+def _gae_loop(rewards, values, gamma, lam, last_value, lengths):
+    """GAE by the textbook backward recursion, one python float at a time, per row of its own length."""
+    adv = np.zeros_like(rewards)
+    for b, length in enumerate(lengths):
+        running = 0.0
+        for t in reversed(range(length)):
+            next_v = values[b, t + 1] if t + 1 < length else (last_value[b] if length == rewards.shape[1] else 0.0)
+            delta = rewards[b, t] + gamma * next_v - values[b, t]
+            running = delta + gamma * lam * running
+            adv[b, t] = running
+    ret = adv + np.where(np.arange(rewards.shape[1])[None] < np.array(lengths)[:, None], values, 0.0)
+    return adv, ret
+
+
+def test_compute_gae_matches_the_backward_recursion():
+    g = torch.Generator().manual_seed(2)
+    rewards = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    values = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    last = torch.randn(4, generator=g, dtype=torch.float64)
+    lengths = [7, 3, 5, 1]  # right padding; full rows bootstrap from last_value, shorter ones terminate
+    mask = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).double()
+    adv, ret = rlhf.compute_gae(rewards, values, gamma=0.9, lam=0.8, last_value=last, mask=mask)
+    exp_adv, exp_ret = _gae_loop(_np(rewards), _np(values), 0.9, 0.8, _np(last), lengths)
+    np.testing.assert_allclose(_np(adv), exp_adv, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(_np(ret), exp_ret, rtol=1e-12, atol=1e-12)
+    # no mask, scalar last value: every row full length
+    adv, ret = rlhf.compute_gae(rewards, values, gamma=0.99, lam=0.95, last_value=0.5)
+    exp_adv, exp_ret = _gae_loop(_np(rewards), _np(values), 0.99, 0.95, [0.5] * 4, [7] * 4)
+    np.testing.assert_allclose(_np(adv), exp_adv, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(_np(ret), exp_ret, rtol=1e-12, atol=1e-12)
+
+
+def test_ppo_losses_match_elementwise_formulas():
+    g = torch.Generator().manual_seed(3)
+    shape = (3, 5)
+    logprobs = (-2 * torch.rand(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    old = logprobs.detach() + 0.4 * torch.randn(shape, generator=g, dtype=torch.float64)  # ratios beyond the clip
+    adv = torch.randn(shape, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.float64)
+    eps = 0.2
+    pg, grads, kept = [], np.zeros(shape), []
+    for i in range(3):
+        for j in range(5):
+            if not mask[i, j]:
+                continue
+            ratio = math.exp(float(logprobs.detach()[i, j]) - float(old[i, j]))
+            a = float(adv[i, j])
+            unclipped, clipped = -a * ratio, -a * min(max(ratio, 1 - eps), 1 + eps)
+            pg.append(max(unclipped, clipped))
+            kept.append((i, j, unclipped >= clipped, ratio, a))
+    loss = rlhf.ppo_policy_loss(logprobs, old, adv, clip_eps=eps, mask=mask)
+    assert float(loss) == pytest.approx(sum(pg) / len(pg), rel=1e-12)
+    assert any(not k[2] for k in kept) or any(abs(k[3] - 1) > eps for k in kept)  # the clip is exercised
+    loss.backward()
+    for i, j, unclipped_wins, ratio, a in kept:  # gradient flows only where the unclipped term is the max
+        grads[i, j] = -a * ratio / len(pg) if unclipped_wins else 0.0
+    np.testing.assert_allclose(_np(logprobs.grad), grads, rtol=1e-10, atol=1e-14)
+
+    values = torch.randn(shape, generator=g, dtype=torch.float64)
+    old_values = values + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    returns = torch.randn(shape, generator=g, dtype=torch.float64)
+    vl = []
+    for i in range(3):
+        for j in range(5):
+            if mask[i, j]:
+                v, o, r = float(values[i, j]), float(old_values[i, j]), float(returns[i, j])
+                vc = min(max(v, o - eps), o + eps)
+                vl.append(0.5 * max((v - r) ** 2, (vc - r) ** 2))
+    got = rlhf.ppo_value_loss(values, old_values, returns, clip_eps=eps, mask=mask)
+    assert float(got) == pytest.approx(sum(vl) / len(vl), rel=1e-12)
+    # without a mask: the mean over every token
+    full = rlhf.ppo_policy_loss(logprobs, old, adv, clip_eps=eps)
+    ratio = torch.exp(logprobs - old)
+    assert float(full) == pytest.approx(float(torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()))
+
+
+def test_bad_inputs_name_the_problem():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="rejected_rewards shape"):
+        rlhf.reward_model_loss(x, torch.zeros(4))
+    with pytest.raises(ValueError, match="loss_type"):
+        rlhf.dpo_loss(x, x, x, x, loss_type="nope")
+    with pytest.raises(ValueError, match="beta"):
+        rlhf.dpo_loss(x, x, x, x, beta=0.0)
+    with pytest.raises(ValueError, match="lam"):
+        rlhf.compute_gae(x, x, gamma=0.9, lam=1.5)
+    with pytest.raises(ValueError, match="clip_eps"):
+        rlhf.ppo_policy_loss(x, x, x, clip_eps=-1)
+    for field, value in [("method", "sft"), ("kl_coef", -0.1), ("gamma", 1.2), ("clip_eps", 0), ("beta", -1),
+                         ("ppo_epochs", 0), ("dpo_loss_type", "x"), ("eos_token_id", -1), ("temperature", 0.0)]:
+        with pytest.raises(ValueError, match=field):
+            RLHFConfig(**{field: value})
+    with pytest.raises(ValueError, match="reward_model_path"):
+        PPO(tiny_moe(), RLHFConfig())
+    with pytest.raises(ValueError, match="chosen_ids"):
+        DPO(tiny_moe(), RLHFConfig(method="dpo")).step({"chosen": x})
+
+
+# ---- sampling with a KV cache -----------------------------------------------------------------------
+
+
+def test_cached_sampling_equals_sampling_without_cache():
+    policy = tiny_moe(seed=1)
+    prompts = torch.randint(0, V, (4, 3), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for use_cache in (True, False):
+        runs.append(rlhf.generate(policy, prompts, 10, generator=torch.Generator().manual_seed(5),
+                                  use_cache=use_cache, output_logits=True))
+    (seq_c, mask_c, logits_c), (seq_f, mask_f, logits_f) = runs
+    torch.testing.assert_close(logits_c, logits_f, atol=1e-5, rtol=1e-5)  # step by step
+    assert torch.equal(seq_c, seq_f) and torch.equal(mask_c, mask_f)
+    # and each step's logits are the full model's on the sampled prefix
+    with torch.no_grad():
+        full = policy(seq_c).logits[:, 2:-1]
+    torch.testing.assert_close(logits_c, full, atol=1e-5, rtol=1e-5)
+    assert rlhf.supports_kv_cache(policy) and not rlhf.supports_kv_cache(tiny_moe(use_mod=True))
+    with pytest.raises(ValueError, match="use_cache=True"):
+        rlhf.generate(tiny_moe(use_mod=True), prompts, 2, use_cache=True)
+
+
+def test_generation_stops_at_eos_and_pads():
+    policy = tiny_moe(seed=2)
+    with torch.no_grad():  # make token 3 (the EOS) near certain after position 2 of the response
+        policy.lm_head.weight.zero_()
+        policy.lm_head.weight[3] = 0
+    prompts = torch.randint(0, V, (6, P), generator=torch.Generator().manual_seed(6))
+    seq, mask = rlhf.generate(policy, prompts, N, eos_token_id=3, pad_token_id=0,
+                              generator=torch.Generator().manual_seed(7))
+    assert seq.shape == (6, P + N) and mask.shape == (6, N)
+    resp = seq[:, P:]
+    for b in range(6):
+        eos = (resp[b] == 3).nonzero()
+        end = int(eos[0]) + 1 if len(eos) else N
+        assert mask[b, :end].eq(1).all() and mask[b, end:].eq(0).all()  # EOS kept, the rest masked
+        assert resp[b, end:].eq(0).all()
+    assert (mask.sum(1) < N).any()  # uniform logits over 8 tokens: some rows do end early
+
+
+# ---- the methods on a task with a known reward -------------------------------------------------------
+
+
+def test_ppo_raises_the_reward_with_the_kl_bounded(one_thread):
+    """Per-token reward 1 for TARGET, KL coefficient beta: the KL-regularised optimum puts
+    p* = e^(1/beta) / (V - 1 + e^(1/beta)) on TARGET (about 0.51 for beta 0.5 and a near-uniform
+    reference), a reward of N p* = 4.1 and a KL of about 3.5 nats per response. PPO must get close:
+    the reward from ~1 to > 2.5 while the KL stays < 7 (a reward-only optimum would reach 16.6)."""
+    policy = tiny_moe(seed=0)
+    config = RLHFConfig(max_new_tokens=N, kl_coef=0.5, gamma=1.0, lam=0.95, ppo_epochs=2, num_mini_batches=2,
+                        value_lr=3e-3)
+    ppo = PPO(policy, config, reward=count_reward, optimizer=torch.optim.Adam(policy.parameters(), lr=3e-3))
+    g = torch.Generator().manual_seed(1)
+    history = [ppo.step(torch.randint(0, V, (32, P), generator=g)) for _ in range(16)]
+    first = float(history[0]["score"])
+    late_score = np.mean([float(m["score"]) for m in history[-6:]])
+    late_kl = np.mean([float(m["kl"]) for m in history[-6:]])
+    assert first < 1.6  # about N / V at the start
+    assert late_score > 2.5, [float(m["score"]) for m in history]
+    assert 0.3 < late_kl < 7.0, [float(m["kl"]) for m in history]
+    assert all(math.isfinite(float(v)) for m in history for v in m.values())
+    assert set(history[0]) >= {"score", "kl", "policy_loss", "value_loss", "clip_fraction", "approx_kl"}
+    # the reference did not move
+    ref = rlhf.frozen_copy(tiny_moe(seed=0))
+    for p, q in zip(ppo.reference.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_dpo_raises_the_margin_on_train_and_held_out_pairs(one_thread):
+    policy = tiny_moe(seed=3)
+    dpo = DPO(policy, RLHFConfig(method="dpo", beta=0.5), optimizer=torch.optim.Adam(policy.parameters(), lr=2e-3))
+    train, held_out = preference_pairs(64, seed=8), preference_pairs(64, seed=9)
+    with torch.no_grad():
+        before, _ = dpo.loss(held_out)
+        _, m0 = dpo.loss(held_out)
+    assert float(m0["margin"]) == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+    for _ in range(3):
+        for batch in batches(train, 16):
+            dpo.step(batch)
+    with torch.no_grad():
+        after, m1 = dpo.loss(held_out)
+    assert float(m1["margin"]) > 0.5 and float(m1["accuracy"]) > 0.8, m1
+    assert float(after) < float(before) - 0.1
+    # the policy learned the preference itself: TARGET is likelier after a prompt than under the reference
+    prompts = held_out["chosen_ids"][:, :P]
+    with torch.no_grad():
+        p_pol = policy(prompts).logits[:, -1].softmax(-1)[:, TARGET].mean()
+        p_ref = dpo.reference(prompts).logits[:, -1].softmax(-1)[:, TARGET].mean()
+    assert float(p_pol) > float(p_ref) + 0.05
+
+
+def test_reward_model_ranks_held_out_pairs(one_thread, tmp_path):
+    rm = RewardModel(tiny_moe(seed=4))
+    trainer = RewardModeling(rm, RLHFConfig(method="reward"), optimizer=torch.optim.Adam(rm.parameters(), lr=3e-3))
+    train, held_out = preference_pairs(128, seed=10), preference_pairs(64, seed=11)
+
+    def accuracy(model):
+        with torch.no_grad():
+            return float((model(held_out["chosen_ids"], held_out["chosen_mask"])
+                          > model(held_out["rejected_ids"], held_out["rejected_mask"])).float().mean())
+
+    for _ in range(3):
+        for batch in batches(train, 32):
+            trainer.step(batch)
+    acc = accuracy(rm)
+    assert acc > 0.85, acc
+    # save / load round trip, then it serves PPO as a reward from RLHFConfig.reward_model_path
+    path = tmp_path / "rm.pt"
+    rm.save(path)
+    loaded = RewardModel.load(path)
+    assert accuracy(loaded) == acc
+    ppo = PPO(tiny_moe(seed=5), RLHFConfig(reward_model_path=str(path), max_new_tokens=4))
+    seq = held_out["chosen_ids"][:4]
+    mask = torch.ones_like(seq, dtype=torch.float32)
+    torch.testing.assert_close(ppo.reward(seq, mask), rm(seq, mask))
+
+
+def test_reward_model_reads_the_last_masked_token_and_takes_any_backbone():
+    class Embed(torch.nn.Module):  # a non-MoE backbone returning features [B, T, 6]
+        def __init__(self):
+            super().__init__()
+            self.e = torch.nn.Embedding(V, 6)
+
+        def forward(self, ids):
+            return self.e(ids).cumsum(1)
+
+    torch.manual_seed(0)
+    rm = RewardModel(Embed())
+    assert rm.hidden_size == 6
+    ids = torch.randint(0, V, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0]])
+    scores = rm.token_scores(ids)
+    torch.testing.assert_close(rm(ids, mask), torch.stack([scores[0, 4], scores[1, 1], scores[2, 3]]))
+
+
+# ---- memory stays flat over steps (trl #1087) ----------------------------------------------------------
+
+
+def _live_tensors():
+    gc.collect()
+    tensors = [o for o in gc.get_objects() if torch.is_tensor(o)]
+    return len(tensors), sum(t.numel() * t.element_size() for t in tensors), sum(t.grad_fn is not None for t in tensors)
+
+
+def test_dpo_memory_stays_flat_over_50_steps(one_thread):
+    """Live tensors (count and bytes, as gc sees them) and autograd graphs after step 5 equal those
+    after step 50; a step that keeps its loss (as a careless metrics list would) is caught."""
+    policy = tiny_moe(seed=6)
+    dpo = DPO(policy, RLHFConfig(method="dpo"), optimizer=torch.optim.Adam(policy.parameters(), lr=1e-3))
+    data = batches(preference_pairs(40, seed=12), 8)
+    kept = []
+    for i in range(50):
+        metrics = dpo.step(data[i % len(data)])
+        kept.append(metrics["loss"])  # what a logger does: the detached metrics hold no graph
+        if i == 4:
+            count5, bytes5, graphs5 = _live_tensors()
+    count50, bytes50, graphs50 = _live_tensors()
+    assert graphs5 == graphs50 == 0
+    assert count50 - count5 == 45 and bytes50 - bytes5 == 45 * 4  # only the 45 kept fp32 scalars
+    # the detector works: keeping each step's graph is seen at once
+    leaky = []
+    for batch in data[:3]:
+        loss, _ = dpo.loss(batch)
+        leaky.append(loss)
+    count, _, graphs = _live_tensors()
+    assert graphs >= 3 and count > count50
+    del leaky, loss
