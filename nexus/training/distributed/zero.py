@@ -60,6 +60,17 @@ class ZeROConfig:
         return self.offload_optimizer or self.offload_params
 
 
+def constructor_defaults(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.defaults`` limited to what its class's constructor takes (torch's AdamW records
+    ``decoupled_weight_decay`` there but does not accept it)."""
+    import inspect
+
+    params = inspect.signature(type(optimizer).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(optimizer.defaults)
+    return {k: v for k, v in optimizer.defaults.items() if k in params}
+
+
 def rebuild_optimizer(optimizer: torch.optim.Optimizer, old_names: dict[int, str], model: nn.Module,
                       cls: type | None = None, **extra) -> torch.optim.Optimizer:
     """A fresh ``type(optimizer)`` (or ``cls``) over ``model``'s current parameters, with the same param
@@ -75,7 +86,7 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, old_names: dict[int, str
         if missing:
             raise ValueError(f"the optimizer holds parameters that are not in the model ({len(missing)} of them)")
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [params[n] for n in names]})
-    return (cls or type(optimizer))(groups, **{**optimizer.defaults, **extra})
+    return (cls or type(optimizer))(groups, **{**constructor_defaults(optimizer), **extra})
 
 
 def partition_optimizer_state(optimizer: torch.optim.Optimizer, process_group=None) -> torch.optim.Optimizer:
@@ -91,7 +102,7 @@ def partition_optimizer_state(optimizer: torch.optim.Optimizer, process_group=No
         raise ValueError("the optimizer has already stepped; apply ZeRO before the first step")
     groups = [dict(g) for g in optimizer.param_groups]
     return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), process_group=process_group,
-                                   **optimizer.defaults)
+                                   **constructor_defaults(optimizer))
 
 
 def apply_zero(model: nn.Module, optimizer: torch.optim.Optimizer | Callable, config: ZeROConfig,
@@ -173,5 +184,5 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, ctx) -> torch.optim.Optimi
                              f"Use one of {', '.join(_PER_ELEMENT)}")
         groups = [dict(g) for g in optimizer.param_groups]
         return ZeroPlusPlusOptimizer(groups, base_optimizer=type(optimizer), config=cfg.zero_plusplus_config(),
-                                     process_group=ctx.dp_group, **optimizer.defaults)
+                                     process_group=ctx.dp_group, **constructor_defaults(optimizer))
     return optimizer
