@@ -6,12 +6,18 @@ from nexus.training.distributed.mesh import DistributedConfig, ParallelContext, 
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"strategy": "fsdp"}, "strategy must be one of ddp, fsdp2, got 'fsdp'"),
+    ({"strategy": "fsdp"}, r"strategy must be one of ddp, fsdp2, zero, zero\+\+, got 'fsdp'"),
     ({"dp_shard": 0}, "dp_shard must be >= 1 or -1"),
     ({"tp": 0}, "distributed.tp must be >= 1"),
     ({"pp_schedule": "zigzag"}, "pp_schedule must be one of 1f1b, gpipe, interleaved_1f1b"),
     ({"backend": "mpi"}, "backend must be gloo or nccl"),
     ({"strategy": "ddp", "dp_shard": 2}, "use dp_replicate, not dp_shard"),
+    ({"strategy": "zero", "zero_stage": 4}, "ZeROConfig.stage must be 1, 2 or 3, got 4"),
+    ({"strategy": "zero", "zero_stage": 2, "offload_params": True}, "offload_params needs stage 3"),
+    ({"strategy": "zero", "zero_stage": 1, "offload_optimizer": True}, "offload_optimizer needs stage 2 or 3"),
+    ({"strategy": "zero", "zero_stage": 1, "dp_shard": 2}, r"strategy zero replicates the model"),
+    ({"strategy": "zero++", "tp": 2}, r"zero\+\+ runs data parallel only; tp must be 1"),
+    ({"zero_plusplus": {"quantize_weights": False}}, r"zero_plusplus is set but strategy is not zero\+\+"),
 ])
 def test_bad_sections_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -22,6 +28,10 @@ def test_sizes_fill_the_world_and_must_multiply_to_it():
     assert DistributedConfig(tp=2).sizes(8) == {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "cp": 1, "tp": 2}
     assert DistributedConfig(strategy="ddp", pp=2).sizes(8)["dp_replicate"] == 4  # replicas, not shards
     assert DistributedConfig(dp_replicate=2, dp_shard=2).sizes(4)["dp_shard"] == 2
+    # ZeRO-1 and ZeRO++ keep whole models (replicas); ZeRO-2/3 shard
+    assert DistributedConfig(strategy="zero", zero_stage=1).sizes(4)["dp_replicate"] == 4
+    assert DistributedConfig(strategy="zero++").sizes(4)["dp_replicate"] == 4
+    assert DistributedConfig(strategy="zero", zero_stage=3).sizes(4)["dp_shard"] == 4
     with pytest.raises(ValueError, match=r"dp_shard 3 x cp 1 x tp 1 = 3 ranks, but the world has 4"):
         DistributedConfig(dp_shard=3).sizes(4)
     with pytest.raises(ValueError, match="= 3 ranks, but the world has 4"):
