@@ -27,11 +27,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from nexus_kernels import _attention_kernels as attn_k
 from nexus_kernels import _cast_kernels as cast_k
+from nexus_kernels import _comm_quant_kernels as cq_k
 from nexus_kernels import _mx_kernels as mx_k
 from nexus_kernels import _newton_schulz_kernels as ns_k
 from nexus_kernels import _soap_kernels as soap_k
-from nexus_kernels import cast, mx, soap
+from nexus_kernels import cast, comm_quant, mx, soap
 from nexus_kernels.formats import E2M1, get_format
 
 _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
@@ -148,6 +150,52 @@ def _from_mx_specs():
 
 
 # ----------------------------------------------------------------------------------------------
+# comm_quant.py: _pack_launch / _unpack_launch (blocks = comm_quant._blocks_per_program("cuda", bs))
+# ----------------------------------------------------------------------------------------------
+def _comm_pack_specs():
+    specs = []
+    for dtype in cast.INPUT_DTYPES:
+        for name in comm_quant.COMM_FORMATS:
+            for block_size in comm_quant.BLOCK_SIZES:
+                spec = comm_quant._check_format(name, block_size)
+                for stochastic in (False, True):
+                    # every block size once (fp32, nearest); other dtypes and SR at the default block only
+                    if (dtype != torch.float32 or stochastic) and block_size != 128:
+                        continue
+                    if dtype != torch.float32 and stochastic:
+                        continue
+                    consts = dict(**comm_quant._format_constexprs(spec),
+                                  **cast.round_constexprs(get_format("e4m3"), saturate=True), STOCHASTIC=stochastic,
+                                  BLOCK_SIZE=block_size, BLOCKS=comm_quant._blocks_per_program("cuda", block_size))
+                    types = {"x_ptr": _ptr(dtype), "out_ptr": "*u8", "n_blocks": "i32", "N": "i32", "NB": "i32",
+                             "ROW_BYTES": "i32", "seed_ptr": "*i64" if stochastic else _ptr(dtype)}
+                    specs.append(Spec(f"_quantize_pack_kernel x={_DTN[dtype]} fmt={name} block={block_size} "
+                                      f"{'stochastic' if stochastic else 'nearest'}", cq_k._quantize_pack_kernel,
+                                      types, consts, aligned=("x_ptr", "out_ptr"), num_warps=4))
+    return specs
+
+
+def _comm_unpack_specs():
+    specs = []
+    dec = cast.decode_constexprs(get_format("e4m3"))
+    for name in comm_quant.COMM_FORMATS:
+        for block_size in comm_quant.BLOCK_SIZES:
+            spec = comm_quant._check_format(name, block_size)
+            for dtype in cast.OUTPUT_DTYPES:
+                if dtype != torch.float32 and block_size != 128:
+                    continue  # every block size once (fp32 out); other output dtypes at the default block
+                consts = dict(IS_INT=spec.is_int, BITS=spec.bits, EXP_BITS=dec["EXP_BITS"], MAN_BITS=dec["MAN_BITS"],
+                              BIAS=dec["BIAS"], NAN_CODE=dec["NAN_CODE"], OUT_BF16=dtype == torch.bfloat16,
+                              BLOCK_SIZE=block_size, BLOCKS=comm_quant._blocks_per_program("cuda", block_size))
+                types = {"buf_ptr": "*u8", "out_ptr": _ptr(dtype), "n_blocks": "i32", "N": "i32", "NB": "i32",
+                         "ROW_BYTES": "i32"}
+                specs.append(Spec(f"_unpack_dequantize_kernel fmt={name} block={block_size} out={_DTN[dtype]}",
+                                  cq_k._unpack_dequantize_kernel, types, consts, aligned=("buf_ptr", "out_ptr"),
+                                  num_warps=4))
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
 # newton_schulz.py: _orthogonalize_kernels on CUDA. Work dtype: bf16 for 16-bit inputs (the GPU
 # path), else the input's (fp32, fp64); ACC fp64 for fp64 else fp32; UPCAST=False; every
 # autotune config. All tensors are contiguous (batch, rows, cols): the last stride is 1, which
@@ -249,6 +297,48 @@ def _soap_matmul_specs():
     return specs
 
 
+# ----------------------------------------------------------------------------------------------
+# attention.py: _attention_kernels.forward / backward on CUDA (attn_k.gpu_config per head block);
+# contiguous q, k, v, dout (unit last strides); head dims 64, 128 and a padded 96; causal or not
+# ----------------------------------------------------------------------------------------------
+_ATTN_STRIDES = ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn")
+
+
+def _attn_specs(kind):
+    specs = []
+    kernel = {"fwd": attn_k._attn_fwd_kernel, "dkdv": attn_k._attn_bwd_dkdv_kernel,
+              "dq": attn_k._attn_bwd_dq_kernel}[kind]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (64, 128, 96):
+            if d == 96 and dtype != torch.bfloat16:
+                continue  # padding only changes masks: one dtype is enough
+            block_d = attn_k.head_block(d)
+            cfg = attn_k.gpu_config(kind, block_d, dtype)
+            for causal in (False, True):
+                types = {"q_ptr": _ptr(dtype), "k_ptr": _ptr(dtype), "v_ptr": _ptr(dtype),
+                         "Sq": "i32", "n_keys": "i32", "diag": "i32", "qk_scale": "fp32", "GROUPS": "i32",
+                         **{s: "i32" for s in _ATTN_STRIDES}}
+                consts = dict(sqd=1, skd=1, svd=1, CAUSAL=causal, HEAD_DIM=d, BLOCK_D=block_d, UPCAST=False,
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+                if kind == "fwd":
+                    types.update(o_ptr=_ptr(dtype), lse_ptr="*fp32", sob="i32", soh="i32", som="i32", HQ="i32")
+                    consts["sod"] = 1
+                    aligned = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "lse_ptr")
+                else:
+                    types.update(do_ptr=_ptr(dtype), lse_ptr="*fp32", delta_ptr="*fp32", sdb="i32", sdh="i32",
+                                 sdm="i32", sm_scale="fp32")
+                    consts["sdd"] = 1
+                    if kind == "dkdv":
+                        types.update(dk_ptr="*fp32", dv_ptr="*fp32", Sk="i32", HKV="i32")
+                    else:
+                        types.update(dq_ptr="*fp32", HQ="i32")
+                    aligned = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "lse_ptr", "delta_ptr")
+                specs.append(Spec(f"{kernel.__name__} {_DTN[dtype]} D={d} causal={causal} {cfg}", kernel, types,
+                                  consts, aligned=aligned, num_warps=cfg["num_warps"],
+                                  num_stages=cfg["num_stages"], expect_mma=dtype != torch.float32))
+    return specs
+
+
 def _ns_bf16_first_specs():
     """A100 check: the bf16 GPU path of both Newton-Schulz kernels with their first autotune config."""
     return [s for s in _syrk_specs() + _ns_update_specs()
@@ -261,17 +351,24 @@ FAMILIES = {
     "decode": _decode_specs,
     "to_mx": _to_mx_specs,
     "from_mx": _from_mx_specs,
+    "comm_pack": _comm_pack_specs,
+    "comm_unpack": _comm_unpack_specs,
     "ns_syrk": _syrk_specs,
     "ns_update": _ns_update_specs,
     "soap_precond_ema": _soap_precond_specs,
     "soap_matmul": _soap_matmul_specs,
     "ns_bf16_first": _ns_bf16_first_specs,
+    "attn_fwd": lambda: _attn_specs("fwd"),
+    "attn_dkdv": lambda: _attn_specs("dkdv"),
+    "attn_dq": lambda: _attn_specs("dq"),
 }
 # every @triton.jit kernel (entry points, not device helpers) and the family that compiles it
 KERNELS = {
     "_cast_kernel": "cast", "_decode_kernel": "decode", "_to_mx_kernel": "to_mx", "_from_mx_kernel": "from_mx",
+    "_quantize_pack_kernel": "comm_pack", "_unpack_dequantize_kernel": "comm_unpack",
     "_syrk_kernel": "ns_syrk", "_ns_update_kernel": "ns_update", "_precond_ema_kernel": "soap_precond_ema",
-    "_matmul_kernel": "soap_matmul",
+    "_matmul_kernel": "soap_matmul", "_attn_fwd_kernel": "attn_fwd", "_attn_bwd_dkdv_kernel": "attn_dkdv",
+    "_attn_bwd_dq_kernel": "attn_dq",
 }
 
 
@@ -328,7 +425,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown family {family!r}")
         jobs += [(family, i, int(arch or 90)) for i in range(len(specs_for(family)))]
     # longest (matmul) jobs first so the pool ends together
-    jobs.sort(key=lambda j: not j[0].startswith(("ns_", "soap_")))
+    jobs.sort(key=lambda j: not j[0].startswith(("ns_", "soap_", "attn_")))
     if args.jobs > 1:
         import multiprocessing
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:

@@ -25,7 +25,7 @@ from tests.kernels import _compile_driver as driver_src
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SM90 = ["cast", "decode", "to_mx", "from_mx", "ns_syrk", "ns_update", "soap_precond_ema", "soap_matmul"]
+SM90 = ["cast", "decode", "to_mx", "from_mx", "comm_pack", "comm_unpack", "ns_syrk", "ns_update", "soap_precond_ema", "soap_matmul"]
 SM80 = ["ns_bf16_first"]
 # shared memory per block an sm_90 kernel may use (227 KiB)
 H100_SHARED = 232448
