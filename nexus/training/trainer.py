@@ -98,6 +98,10 @@ class TrainingArguments:
     wandb_project: str = "nexus"
     wandb_mode: str = "offline"
     tensorboard: bool = True
+    # trackers (nexus.training.tracking): tensorboard, wandb, mlflow, neptune, clearml; "none" for none.
+    # use_wandb=True adds wandb and tensorboard=False drops tensorboard (the older switches)
+    report_to: list[str] | str = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    mlflow_tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
     progress_bar: bool = True
     system_metrics: bool = True  # CPU/RAM (psutil) and GPU utilisation/memory in the logged metrics
     peak_flops: float | None = None  # device peak FLOP/s for model FLOPs utilisation
@@ -163,6 +167,9 @@ class TrainingArguments:
                              f"({self.gradient_accumulation_steps}): gradients are synchronised at least once per step")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
+        from nexus.training.tracking import resolve_report_to
+
+        resolve_report_to(self.report_to)  # an unknown tracker name fails here, naming it
         if self.metric_for_best not in ("val_loss", "val_perplexity"):
             raise ValueError(f"metric_for_best must be val_loss or val_perplexity, got {self.metric_for_best!r}")
 
@@ -180,6 +187,16 @@ class TrainingArguments:
     def field_names(cls) -> set[str]:
         """Every name ``__init__`` takes: the stored fields and their synonyms."""
         return {f.name for f in dataclasses.fields(cls)} | set(cls.init_synonyms())
+
+    def resolve_report_to(self) -> list[str]:
+        """The trackers of the run: ``report_to`` with ``use_wandb`` (adds wandb) and ``tensorboard=False``
+        (drops tensorboard) applied."""
+        from nexus.training.tracking import resolve_report_to
+
+        names = resolve_report_to(self.report_to)
+        if self.use_wandb and "wandb" not in names:
+            names.append("wandb")
+        return [n for n in names if n != "tensorboard" or self.tensorboard]
 
     @property
     def tokens_per_step(self) -> int:
@@ -798,36 +815,34 @@ class Trainer:
         return 6.0 * count(active=True)
 
     def _open_loggers(self) -> None:
-        self._wandb = self._jsonl = self._tb = None
+        self._jsonl = self._trackers = None
         if not self.is_main:
             return
-        if self.args.use_wandb:  # first, so a missing extra fails before any file is opened
-            try:
-                import wandb
-            except ImportError as exc:
-                raise RuntimeError(
-                    "use_wandb=True needs Weights & Biases: pip install 'nexus-train[track]'"
-                ) from exc
+        from nexus.training.tracking import check_available, open_trackers
+
+        names = self.args.resolve_report_to()
+        check_available(names)  # first, so a missing extra fails before any file is opened
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.output_dir / "metrics.jsonl", "a")
-        self._tb = None
-        if self.args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
-        if self.args.use_wandb:
-            self._wandb = wandb.init(
-                project=self.args.wandb_project, mode=self.args.wandb_mode, dir=str(self.output_dir),
-                config=dataclasses.asdict(self.args), resume="allow",
-            )
+        config = ckpt.plain_data(self.config) if self.config is not None else {}
+        config = {**config, "training": ckpt.plain_data(self.args)} if isinstance(config, dict) else {
+            "config": config, "training": ckpt.plain_data(self.args)}
+        self._trackers = open_trackers(names, self.output_dir, config, project=self.args.wandb_project,
+                                       wandb_mode=self.args.wandb_mode,
+                                       mlflow_tracking_uri=self.args.mlflow_tracking_uri)
 
     def _close_loggers(self) -> None:
+        """Close the trackers, then draw the loss and learning-rate curves (``training_curves.png``)."""
         if self._jsonl is not None:
             self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        if self._trackers is not None:
+            self._trackers.close()
+            from nexus.training.tracking import plot_training_curves
+
+            try:
+                plot_training_curves(self.output_dir / "metrics.jsonl")
+            except ImportError as exc:  # matplotlib comes with the [track] extra; the run itself is done
+                print(f"note: no training_curves.png: {exc}", file=sys.stderr)
 
     def log(self, metrics: dict) -> None:
         if self._jsonl is None:  # not rank 0
@@ -835,11 +850,8 @@ class Trainer:
         record = {"step": self.step, "tokens": self.tokens_seen, **metrics}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k, v, self.step)
-        if self._wandb is not None:
-            self._wandb.log(metrics, step=self.step)
+        if self._trackers is not None:
+            self._trackers.log(metrics, self.step)
 
     # ---- the loop ------------------------------------------------------------------------------
     def _improved(self, metrics: dict) -> bool:
