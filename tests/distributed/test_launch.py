@@ -56,7 +56,12 @@ LAYOUTS = {  # the `distributed:` section of each 2-rank run
     "ddp": "{strategy: ddp}",
     "tp": "{tp: 2}",
     "pp_gpipe": "{pp: 2, pp_schedule: gpipe}",
+    "zero1": "{strategy: zero, zero_stage: 1}",
+    "zeropp": "{strategy: zero++}",  # int8 weights, int4 gradients with error feedback
 }
+# ZeRO++'s quantized collectives move the trajectory by more than rounding: int4 gradient blocks carry
+# ~1/14 of their block's amax in error (error feedback returns it next step), int8 weights ~1/254
+TOLERANCE = {"zeropp": 5e-2}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -69,9 +74,11 @@ def test_torchrun_two_ranks_reach_the_single_process_validation_loss(small_run, 
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert out.stdout.count("model: ") == 1  # rank 0 alone prints
     losses = _val_losses(path, name)
-    assert len(losses) == len(single) and max(abs(a - b) for a, b in zip(losses, single)) < 1e-2, (losses, single)
+    bound = TOLERANCE.get(layout, 1e-2)
+    assert len(losses) == len(single) and max(abs(a - b) for a, b in zip(losses, single)) < bound, (losses, single)
     last = ckpt.latest_checkpoint(path.parent / name)
-    assert last.name == f"checkpoint_step_{STEPS}." + ("pt" if layout == "ddp" else "dcp")  # sharded: every rank
+    whole = layout in ("ddp", "zero1", "zeropp")  # rank 0 writes one file; sharded runs: every rank
+    assert last.name == f"checkpoint_step_{STEPS}." + ("pt" if whole else "dcp")
     assert ckpt.saved_step(last) == STEPS
 
 

@@ -131,6 +131,22 @@ def stage1_checkpoint_round_trip(rank, world_size):
             "loaded_steps": loaded, "params": len(list(model.parameters()))}
 
 
+def run_file_wiring(rank, world_size):
+    """What ``distributed: {strategy: zero, ...}`` builds through parallelize and shard_optimizer."""
+    from nexus.training.distributed.mesh import DistributedConfig, init_parallel
+    from nexus.training.distributed.parallelize import parallelize
+    from nexus.training.distributed.zero import shard_optimizer
+
+    built = {}
+    for stage, offload in ((1, False), (2, True), (3, False)):
+        ctx = init_parallel(DistributedConfig(strategy="zero", zero_stage=stage, offload_optimizer=offload))
+        model = parallelize(new_model(), ctx)
+        opt = shard_optimizer(adamw(model.parameters()), ctx)
+        policy = None if stage == 1 else type(model._get_fsdp_state()._fsdp_param_group.offload_policy).__name__
+        built[stage] = (type(model).__name__, type(opt).__name__, policy)
+    return built
+
+
 def stage_1(rank, world_size):
     return run_stage(rank, world_size, 1)
 
@@ -149,7 +165,7 @@ def stage_3_offload(rank, world_size):
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return run_distributed_checks([stage_1, stage_2, stage_3, stage_3_offload, stage1_checkpoint_round_trip],
+    return run_distributed_checks([stage_1, stage_2, stage_3, stage_3_offload, stage1_checkpoint_round_trip, run_file_wiring],
                                   world_size=2, timeout=600)
 
 
@@ -198,6 +214,14 @@ def test_stage_1_checkpoint_consolidates_and_resumes_exactly(two_ranks):
     # rank 0's file held every parameter's state (both shares); each rank took back its own share
     assert sum(len(r["loaded_steps"]) for r in ranks) == ranks[0]["params"] == 10
     assert {s for r in ranks for s in r["loaded_steps"]} == {2}
+
+
+@spawns
+def test_run_file_strategy_zero_builds_each_stage(two_ranks):
+    for r in two_ranks["run_file_wiring"]:
+        assert r[1] == ("DataParallelModel", "ZeroRedundancyOptimizer", None)
+        assert r[2] == ("FSDPNet", "AdamW", "CPUOffloadPolicy")
+        assert r[3] == ("FSDPNet", "AdamW", "OffloadPolicy")
 
 
 def test_one_process_returns_model_and_optimizer_as_they_are():
