@@ -37,18 +37,31 @@ __all__ = [
 _EPS = torch.finfo(torch.float32).eps
 
 
-class ObserverType(enum.Enum):
-    """How an observer turns the values it sees into a min/max range."""
+class _NamedEnum(enum.Enum):
+    """Also built from a member's name or alias as a string (``"MinMaxObserver"``, ``"MIN_MAX"``)."""
+
+    @classmethod
+    def _missing_(cls, value):
+        return cls.__members__.get(value) if isinstance(value, str) else None
+
+
+class ObserverType(_NamedEnum):
+    """How an observer turns the values it sees into a min/max range. Seed 003's names are aliases:
+    ``ObserverType.MinMaxObserver is ObserverType.MIN_MAX``."""
 
     MIN_MAX = "min_max"
     MOVING_AVERAGE_MIN_MAX = "moving_average_min_max"
+    MinMaxObserver = "min_max"
+    MovingAverageMinMaxObserver = "moving_average_min_max"
 
 
-class QuantizationScheme(enum.Enum):
-    """One scale for the whole weight, or one per output channel."""
+class QuantizationScheme(_NamedEnum):
+    """One scale for the whole weight, or one per output channel (``PerTensor`` / ``PerChannel`` aliases)."""
 
     PER_TENSOR = "per_tensor"
     PER_CHANNEL = "per_channel"
+    PerTensor = "per_tensor"
+    PerChannel = "per_channel"
 
 
 def quant_range(bits: int) -> tuple[int, int]:
