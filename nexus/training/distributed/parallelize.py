@@ -61,6 +61,8 @@ def parallelize_pipeline(model: nn.Module, ctx: ParallelContext, loss_fn, *,
     cfg = ctx.config
     if ctx.sizes["tp"] > 1:
         raise ValueError("distributed: tp > 1 together with pp > 1 is not supported yet; use one of them")
+    if ctx.sizes["cp"] > 1:
+        raise ValueError("distributed: cp > 1 together with pp > 1 is not supported yet; use one of them")
     pipeline = PipelineConfig(schedule=cfg.pp_schedule, n_microbatches=cfg.pp_microbatches)
     counts = (model.num_parameters(), model.num_parameters(active=True))
     runner = build_pipeline(model, ctx.mesh["pp"], pipeline, loss_fn,
@@ -77,15 +79,20 @@ def parallelize(model: nn.Module, ctx: ParallelContext, *, blocks=None, checkpoi
     """
     cfg = ctx.config
     sizes = ctx.sizes
-    if sizes["cp"] > 1:
-        raise ValueError("distributed.cp > 1: context parallelism is not part of this release; set cp: 1")
     if sizes["tp"] > 1:
         from nexus.training.distributed.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx.mesh["tp"], sequence_parallel=cfg.sequence_parallel)
+    replicas = None  # cp > 1: the mesh gradients are averaged over, data parallel and cp ranks together
+    if sizes["cp"] > 1:
+        from nexus.training.distributed.context_parallelism import apply_context_parallel, context_parallel_mesh
+
+        replicas = context_parallel_mesh(ctx)
+        apply_context_parallel(model, ctx.mesh["cp"])
     if cfg.activation_checkpointing or checkpointing is not None:
         apply_activation_checkpointing(model, checkpointing, blocks=blocks)
-    if ctx.dp_size == 1 or cfg.strategy == "zero++":  # ZeRO++: the optimizer partitions and communicates
+    # ZeRO++: the optimizer partitions and communicates
+    if (ctx.dp_size == 1 and replicas is None) or cfg.strategy == "zero++":
         return model
     if cfg.strategy == "zero":
         from nexus.training.distributed.zero import wrap_zero
@@ -96,11 +103,11 @@ def parallelize(model: nn.Module, ctx: ParallelContext, *, blocks=None, checkpoi
 
         if blocks is not None:
             raise ValueError("distributed: pipeline stages shard with fsdp2; strategy ddp with pp > 1 is not supported")
-        return wrap_data_parallel(model, ctx.mesh["dp_replicate"])
+        return wrap_data_parallel(model, ctx.mesh["dp_replicate"] if replicas is None else replicas)
     from nexus.training.distributed.fsdp2 import FSDP2Config, wrap_model_fsdp2
 
     dims = tuple(d for d in ("dp_replicate", "dp_shard") if sizes[d] > 1)
     fsdp = FSDP2Config(sharding_strategy=cfg.sharding_strategy, mixed_precision=cfg.mixed_precision,
                        param_dtype=torch.bfloat16 if cfg.mixed_precision else torch.float32,
                        cpu_offload=cfg.cpu_offload, activation_checkpointing=False)  # applied above, in order
-    return wrap_model_fsdp2(model, fsdp, mesh=ctx.mesh[dims], blocks=blocks)
+    return wrap_model_fsdp2(model, fsdp, mesh=ctx.mesh[dims] if replicas is None else replicas, blocks=blocks)
