@@ -1,5 +1,5 @@
-"""Distributed training on torch.distributed: FSDP2, DDP, tensor and pipeline parallel, device mesh,
-sharded checkpoints. Names load on first use (pipelining's import alone takes seconds).
+"""Distributed training on torch.distributed: FSDP2, DDP, tensor, pipeline and context parallel, device
+mesh, sharded checkpoints. Names load on first use (pipelining's import alone takes seconds).
 
 Example::
     from nexus.training.distributed import FSDP2Config, wrap_model_fsdp2
@@ -21,6 +21,10 @@ _EXPORTS = {
     "ZeROConfig": "zero", "apply_zero": "zero",
     "ZeroPlusPlusConfig": "zero_plusplus", "ZeroPlusPlusOptimizer": "zero_plusplus",
     "save_sharded": "checkpointing", "load_sharded": "checkpointing", "export_safetensors": "checkpointing",
+    "init_context_parallel_group": "context_parallelism", "ContextParallelAttention": "context_parallelism",
+    "ring_attention": "context_parallelism", "shard_sequence": "context_parallelism",
+    "gather_sequence": "context_parallelism", "shard_batch": "context_parallelism",
+    "apply_context_parallel": "context_parallelism",
 }
 __all__ = sorted(_EXPORTS)
 
