@@ -146,6 +146,7 @@ class _Slot:
     numel: int
     cols: int  # entries per rank: ceil(numel / W)
     offset: int  # first column in the row layout (over all groups)
+    shape: torch.Size  # the whole parameter's (its .data is empty while freed)
 
 
 @dataclasses.dataclass(eq=False)
@@ -284,7 +285,7 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
             start = offset
             for p in group["params"]:
                 cols = -(-p.numel() // self._world)
-                self._slots.append(_Slot(p, len(self._slots), gi, p.numel(), cols, offset))
+                self._slots.append(_Slot(p, len(self._slots), gi, p.numel(), cols, offset, p.shape))
                 offset += cols
             self._group_columns.append((start, offset))
         self._columns = offset
@@ -360,7 +361,7 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
             self._blocks.append(block)
             self._hooks.append(sub.register_forward_pre_hook(lambda m, a, b=block: self._gather_for_forward(b)))
             self._hooks.append(sub.register_forward_hook(lambda m, a, out, b=block: self._after_forward(b, out)))
-        missing = [tuple(s.param.shape) for s in self._slots if id(s.param) not in owners]
+        missing = [tuple(s.shape) for s in self._slots if id(s.param) not in owners]
         if missing:
             raise ValueError(f"ZeroPlusPlusOptimizer(module=...): {len(missing)} optimized parameters (shapes "
                              f"{missing[:3]}) are not in the module; pass the module that holds them")
@@ -389,7 +390,7 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
 
     def _from_rows(self, rows: torch.Tensor, slot: _Slot, start: int) -> torch.Tensor:
         """The whole parameter ``slot`` from rows [W, *] whose columns start..start+cols are its slices."""
-        return rows[:, start:start + slot.cols].reshape(-1)[:slot.numel].view(slot.param.shape)
+        return rows[:, start:start + slot.cols].reshape(-1)[:slot.numel].view(slot.shape)
 
     # ------------------------------------------------------------------------------------------
     # collectives, counted where called
@@ -747,9 +748,9 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
         extra = state_dict.get("zero_plusplus") or {}
         masters = extra.get("master")
         for idx, s in index_of.items():
-            if masters is not None and tuple(masters[idx].shape) != tuple(s.param.shape):
+            if masters is not None and tuple(masters[idx].shape) != tuple(s.shape):
                 raise ValueError(f"ZeroPlusPlusOptimizer.load_state_dict: parameter {idx} has shape "
-                                 f"{tuple(masters[idx].shape)} in the state, {tuple(s.param.shape)} here")
+                                 f"{tuple(masters[idx].shape)} in the state, {tuple(s.shape)} here")
         for g, mine in zip(groups, self.param_groups):
             mine.update({k: v for k, v in g.items() if k != "params"})
         self._sync_hyperparameters()
@@ -762,9 +763,9 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
                 continue
             entry = {}
             for key, value in slot_state[present[0]].items():
-                if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(present[0].param.shape) \
+                if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(present[0].shape) \
                         and (value.dim() > 0 or key != "step"):
-                    parts = [slot_state[s][key] if s in present else torch.zeros(s.param.shape) for s in slots]
+                    parts = [slot_state[s][key] if s in present else torch.zeros(s.shape) for s in slots]
                     rows = self._to_rows([p.to(self._device) for p in parts], slots)
                     entry[key] = rows[self._rank].to(value.dtype).clone()
                 else:
