@@ -228,6 +228,12 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
             and cfg.distributed.activation_checkpointing:
         raise ConfigError(f"{source}: memory.checkpointing and distributed.activation_checkpointing both checkpoint "
                           "the blocks; choose one")
+    decay = cfg.training.weight_decay  # seed 003's training.weight_decay is the optimizer's: one value
+    if decay is not None:
+        if "weight_decay" in (raw.get("optimizer") or {}) and cfg.optimizer.weight_decay != decay:
+            raise ConfigError(f"{source}: training.weight_decay ({decay}) and optimizer.weight_decay "
+                              f"({cfg.optimizer.weight_decay}) disagree: set one")
+        cfg.optimizer.weight_decay = decay
     if cfg.data.vocab_size != cfg.model.vocab_size:
         raise ConfigError(
             f"{source}: data.vocab_size ({cfg.data.vocab_size}) differs from model.vocab_size ({cfg.model.vocab_size})"

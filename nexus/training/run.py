@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -207,23 +208,7 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
         offloader = build_offloader(cfg.memory)
         if cfg.memory.checkpointing != "none":
             checkpointing = cfg.memory.checkpoint_config()
-    if parallel.distributed:  # layers are swapped before they are sharded; one process: the Trainer swaps them
-        from nexus.training.distributed.parallelize import parallelize, parallelize_pipeline
-        from nexus.training.mixed_precision import apply_precision
-
-        model = apply_precision(model.to(resolved), args.precision)
-        if args.precision in ("fp8", "mxfp8", "fp4"):  # scales agree across the ranks that hold the same layers
-            from nexus.training.mixed_precision.fp8 import set_amax_reduction
-
-            set_amax_reduction(model, parallel.dp_group, enabled=parallel.dp_size > 1)
-        if parallel.sizes["pp"] > 1:
-            pipeline, model = parallelize_pipeline(model, parallel, _pipeline_loss(args), checkpointing=checkpointing)
-        else:
-            model = parallelize(model, parallel, checkpointing=checkpointing)
-    elif checkpointing is not None:
-        from nexus.training.gradient_methods import apply_selective_checkpointing
-
-        model = apply_selective_checkpointing(model, checkpointing)
+    pipeline, model = place_model(model, parallel, args, resolved, checkpointing=checkpointing)
     optimizer = build_optimizer(model, cfg.optimizer, args.max_lr, warmup_steps=args.warmup_steps)
     if parallel.distributed:  # ZeRO-1 and ZeRO++ partition the optimizer's state themselves
         from nexus.training.distributed.zero import shard_optimizer
@@ -234,6 +219,31 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
     return Trainer(model=model, optimizer=optimizer, lr_scheduler=scheduler, train_loader=train_loader,
                    val_loader=val_loader, config=cfg, args=args, parallel=parallel, pipeline=pipeline,
                    offloader=offloader)
+
+
+def place_model(model: torch.nn.Module, parallel, args: TrainingArguments, device: torch.device, *,
+                checkpointing=None) -> tuple[Any, torch.nn.Module]:
+    """``(pipeline or None, model)``: the model transforms of a run on ``parallel`` (a ``ParallelContext``), in
+    parallelize's order: low-precision layers, then tensor / pipeline / data parallel (``parallelize``), with
+    activation checkpointing (``checkpointing``) in its place. One process: checkpointing only (the Trainer
+    swaps low-precision layers). ``nexus train`` and the Trainer's ``with_*`` builders both come here."""
+    if parallel.distributed:  # layers are swapped before they are sharded; one process: the Trainer swaps them
+        from nexus.training.distributed.parallelize import parallelize, parallelize_pipeline
+        from nexus.training.mixed_precision import apply_precision
+
+        model = apply_precision(model.to(device), args.precision)
+        if args.precision in ("fp8", "mxfp8", "fp4"):  # scales agree across the ranks that hold the same layers
+            from nexus.training.mixed_precision.fp8 import set_amax_reduction
+
+            set_amax_reduction(model, parallel.dp_group, enabled=parallel.dp_size > 1)
+        if parallel.sizes["pp"] > 1:
+            return parallelize_pipeline(model, parallel, _pipeline_loss(args), checkpointing=checkpointing)
+        return None, parallelize(model, parallel, checkpointing=checkpointing)
+    if checkpointing is not None:
+        from nexus.training.gradient_methods import apply_selective_checkpointing
+
+        model = apply_selective_checkpointing(model, checkpointing)
+    return None, model
 
 
 def _pipeline_loss(args: TrainingArguments):

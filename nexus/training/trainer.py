@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -352,36 +353,78 @@ def _is_wrapped(model: torch.nn.Module) -> bool:
 
 
 class Trainer:
-    """Train ``model`` (returning logits, ``mtp_logits`` and ``aux_loss``) on windows of token ids.
+    """Train a model: seed 003's ``Trainer(model, train_dataset, val_dataset, optimizer, args)`` or seed
+    004's keywords (``train_loader=``, ``val_loader=``, ``lr_scheduler=``, ``config=`` ...).
 
-    ``args`` holds the settings; keyword arguments named like ``TrainingArguments`` fields override it
-    (``gradient_accumulation_steps=8, checkpoint_dir="./ckpt", log_interval=10`` ...). ``config`` is
-    saved in checkpoints for reference (a dataclass or a mapping of plain values).
+    Two kinds of model:
+
+    - token windows (the MoE language model, ``nexus train``): batches are ``[B, seq_len + n_pred_tokens]``
+      token ids, the model returns ``logits``, ``mtp_logits`` and ``aux_loss`` and the loss is the
+      multi-token prediction loss. Chosen for a model with ``config.n_pred_tokens`` or a pipeline, or with
+      ``token_windows=True``.
+    - any other ``nn.Module``: batches are tensors, tuples or dicts (moved to the device). The model is called
+      as ``model(**batch)``, ``model(*batch)`` or ``model(batch)`` and returns a 0-dim loss, a dict / tuple
+      holding ``loss`` first (HF style), or, with ``loss_fn=``, outputs (or ``logits``) given to
+      ``loss_fn(outputs, labels)``; then the labels are the tuple's last item, ``batch["labels"]``, or the
+      tensor batch itself, and the model gets the rest.
+
+    Datasets become loaders of ``args.train_batch_size`` (shuffled, resumable) and ``args.eval_batch_size``;
+    loaders and other iterables of batches are used as they are. ``Trainer(model, data, optimizer, args)``
+    (seed 003's builder examples) reads an optimizer in the third place as the optimizer.
+    ``args`` holds the settings; keyword arguments named like ``TrainingArguments`` fields (or their
+    synonyms) override it. ``lr_scheduler``: "auto" (default) builds ``args.lr_schedule`` with
+    ``warmup_steps`` over the run when training starts; None keeps the optimizer's lr.
+    ``compute_metrics(EvalPrediction) -> dict`` adds task metrics to each evaluation
+    (``nexus.training.metrics``). ``config`` is saved in checkpoints for reference.
+
+    Example::
+        trainer = Trainer(model, train_dataset, val_dataset, optimizer, args, loss_fn=F.cross_entropy)
+        trainer.train()
+        trainer.save_checkpoint("checkpoint-1000.pt")
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
+        train_dataset: Any = None,
+        val_dataset: Any = None,
         optimizer: torch.optim.Optimizer | None = None,
-        lr_scheduler: Any = None,
+        args: TrainingArguments | None = None,
+        *,
+        lr_scheduler: Any = "auto",
         train_loader: Any = None,
         val_loader: Any = None,
         config: Any = None,
-        args: TrainingArguments | None = None,
         callbacks: list[TrainerCallback] | None = None,
         parallel: Any = None,
         pipeline: Any = None,
         offloader: Any = None,
+        loss_fn: Any = None,
+        compute_metrics: Any = None,
+        token_windows: bool | None = None,
         **overrides: Any,
     ):
         names = TrainingArguments.field_names()
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"Trainer got unknown argument(s) {unknown}; TrainingArguments fields are {sorted(names)}")
+        if isinstance(val_dataset, torch.optim.Optimizer) and (optimizer is None or isinstance(optimizer, TrainingArguments)):
+            if args is not None:
+                raise TypeError("Trainer(model, data, optimizer, args, <extra>): too many positional arguments")
+            val_dataset, optimizer, args = None, val_dataset, optimizer  # Trainer(model, data, optimizer, args)
+        if args is not None and not isinstance(args, TrainingArguments):
+            raise TypeError(f"args must be a TrainingArguments, got {type(args).__name__}")
         args = args or TrainingArguments()
         self.args = args.replace(**overrides) if overrides else args
-        if train_loader is None:
-            raise ValueError("train_loader is required")
+        for name, dataset, loader in (("train", train_dataset, train_loader), ("val", val_dataset, val_loader)):
+            if dataset is not None and loader is not None:
+                raise ValueError(f"give {name}_dataset or {name}_loader, not both")
+        if train_dataset is None and train_loader is None:
+            raise ValueError("train_dataset (or train_loader) is required")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (outputs, labels) -> loss, got {type(loss_fn).__name__}")
+        if compute_metrics is not None and not callable(compute_metrics):
+            raise TypeError(f"compute_metrics must be callable (EvalPrediction) -> dict, got {type(compute_metrics).__name__}")
         from nexus.training.distributed.mesh import current_context
 
         # where this rank stands: one process, or a mesh built by nexus.training.distributed.init_parallel
@@ -391,6 +434,16 @@ class Trainer:
         # a pipeline (nexus.training.distributed.parallelize_pipeline) runs model = PipelineStages(runner)
         self.pipeline = pipeline
         self.offloader = offloader  # an ActivationOffloader (nexus.training.gradient_methods) or None
+        self.loss_fn = loss_fn
+        self.compute_metrics = compute_metrics
+        if token_windows is None:
+            inner = getattr(model, "module", model)
+            token_windows = pipeline is not None or (
+                loss_fn is None and hasattr(getattr(inner, "config", None), "n_pred_tokens"))
+        self.token_windows = bool(token_windows)
+        if self.token_windows and (loss_fn is not None or compute_metrics is not None):
+            raise ValueError("loss_fn and compute_metrics apply to models with labels; a token-window model "
+                             "(multi-token prediction loss) takes neither: pass token_windows=False")
         # context parallelism (distributed.cp > 1): each window's sequence split over the cp ranks
         self.context_parallel = None
         if self.parallel.sizes.get("cp", 1) > 1:
@@ -409,10 +462,23 @@ class Trainer:
         self.sharded = pipeline is not None or any(isinstance(p, DTensor) for p in self.model.parameters())
         if pipeline is not None and (self.args.precision == "fp16" or hasattr(optimizer, "update_hessian")):
             raise ValueError("a pipeline-parallel run supports neither fp16 loss scaling nor Sophia's Hessian updates")
-        self.optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=self.args.max_lr, weight_decay=0.1)
-        self.lr_scheduler = lr_scheduler
+        if not self.token_windows and hasattr(optimizer, "update_hessian"):
+            raise ValueError("Sophia's Hessian estimate reads a token-window model's logits; use it with token_windows")
+        decay = self.args.weight_decay if self.args.weight_decay is not None else 0.1
+        self.optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=self.args.learning_rate,
+                                                        weight_decay=decay)
+        # "auto": the run file's schedule, built when train() knows the run's length
+        self._auto_schedule = isinstance(lr_scheduler, str) and lr_scheduler == "auto"
+        if isinstance(lr_scheduler, str) and not self._auto_schedule:
+            raise ValueError(f"lr_scheduler must be a scheduler, None or 'auto', got {lr_scheduler!r}")
+        if self._auto_schedule and "ScheduleFree" in type(self.optimizer).__name__:
+            self._auto_schedule = False  # schedule-free optimizers warm up and average on their own
+        self.lr_scheduler = None if self._auto_schedule else lr_scheduler
+        self._pending_scheduler_state = None
+        self._datasets = (train_dataset, val_dataset)
         self.train_loader = train_loader
         self.val_loader = val_loader
+        self._build_loaders()
         self.config = config
         self.callbacks = list(callbacks or [])
         self.output_dir = Path(self.args.output_dir)
@@ -430,7 +496,41 @@ class Trainer:
         self.scaler = GradScaler(self.precision, device=self.device.type) if scaling else None
         self._data_iter = None
         self._stops = StopSignals()
-        self._flops_per_token = self._estimate_flops_per_token()
+        self._flops_per_token = self._estimate_flops_per_token() if self.token_windows else None
+
+    def _build_loaders(self) -> None:
+        """Loaders for the datasets given (this rank's share of each global batch); loaders given stay."""
+        from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+        from nexus.data.sampler import ShardedSequentialSampler
+
+        train, val = self._datasets
+        rank, size = self.parallel.dp_rank, self.parallel.dp_size
+        for name, batch in (("train_batch_size", self.args.train_batch_size),
+                            ("eval_batch_size", self.args.eval_batch_size or self.args.train_batch_size)):
+            if batch % size:
+                raise ValueError(f"{name} {batch} is not divisible by the {size} data-parallel ranks")
+        local = self.args.train_batch_size // size
+        local_eval = (self.args.eval_batch_size or self.args.train_batch_size) // size
+        if isinstance(train, Dataset) and not isinstance(train, DataLoader):
+            if isinstance(train, IterableDataset):
+                self.train_loader = DataLoader(train, batch_size=local)
+            else:
+                sampler = ResumableShuffleSampler(len(train), seed=self.args.seed, rank=rank, world_size=size,
+                                                  batch_size=local)
+                # a private generator keeps DataLoader's per-iterator seed draw off the global RNG stream
+                self.train_loader = DataLoader(train, batch_size=local, sampler=sampler,
+                                               generator=torch.Generator().manual_seed(self.args.seed))
+        elif train is not None:
+            self.train_loader = train
+        if isinstance(val, Dataset) and not isinstance(val, DataLoader):
+            if isinstance(val, IterableDataset) or size == 1:
+                self.val_loader = DataLoader(val, batch_size=local_eval)
+            else:  # every rank the same number of batches (the tail that does not split evenly is left out)
+                self.val_loader = DataLoader(val, batch_size=local_eval, sampler=ShardedSequentialSampler(
+                    len(val), rank=rank, world_size=size, batch_size=local_eval))
+        elif val is not None:
+            self.val_loader = val
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
@@ -522,22 +622,24 @@ class Trainer:
         sums: dict[str, Any] = {}
         tokens = 0
         for micro in range(accum):
-            window = self._next_batch().to(self.device, non_blocking=True)
+            window = batch = self._to_device(self._next_batch())
             if self.pipeline is not None:  # forward and backward over the pipeline's microbatches, loss / accum
                 loss = self.pipeline.step(window[:, : self.args.seq_len], window)
                 for k, v in {"loss": loss * accum, **self.pipeline.last_metrics}.items():
                     sums[k] = sums.get(k, 0.0) + v.detach() / accum
                 tokens += window.shape[0] * self.args.seq_len * self.parallel.dp_size
                 continue
-            # DDP all-reduces gradients in the last micro-batch's backward only
-            sync = (self.model.no_sync() if micro < accum - 1 and isinstance(
-                self.model, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext())
+            # DDP all-reduces gradients in the last micro-batch's backward only (or every gradient_sync_steps)
+            sync = self.model.no_sync() if self._skip_sync(micro) else contextlib.nullcontext()
             offload = self.offloader.offload_context() if self.offloader is not None else contextlib.nullcontext()
             with sync, offload:
                 with self._autocast():
-                    out = self._forward(window)
-                    loss, parts = self.compute_loss(window, out)
-                    loss = self._add_extra_losses(loss, parts, window, out)
+                    if self.token_windows:
+                        out = self._forward(window)
+                        loss, parts = self.compute_loss(window, out)
+                    else:
+                        loss, parts, out, _ = self._generic_loss(batch)
+                    loss = self._add_extra_losses(loss, parts, batch, out)
                 if micro == 0 and getattr(self.optimizer, "hessian_due", False):
                     # Sophia's Gauss-Newton-Bartlett estimate reuses this forward's logits (graph still alive);
                     # a non-finite loss must not reach its Hessian state
@@ -546,10 +648,10 @@ class Trainer:
                     self.optimizer.update_hessian(logits=out.logits)
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            model_metrics = getattr(out, "metrics", None) or {}
+            model_metrics = (getattr(out, "metrics", None) or {}) if self.token_windows else {}
             for k, v in {"loss": loss.detach(), **parts, **model_metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
-            tokens += window.shape[0] * self.args.seq_len * self.parallel.dp_size  # the global batch
+            tokens += self._batch_items(batch) * self.parallel.dp_size  # the global batch
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else float("inf")
         if self.scaler:
@@ -562,8 +664,8 @@ class Trainer:
             grad_norm = clip_grad_norm(params, max_norm)
         else:
             grad_norm = torch.zeros((), device=self.device)
-        loss, lm_loss, grad_norm, overflow, stops = self._agree(sums["loss"], sums["lm_loss"], grad_norm,
-                                                                found_inf if self.scaler else None)
+        loss, lm_loss, grad_norm, overflow, stops = self._agree(sums["loss"], sums.get("lm_loss", sums["loss"]),
+                                                                grad_norm, found_inf if self.scaler else None)
         self._stop_now = stops > 0
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss is {loss} at step {self.step + 1}")
@@ -581,9 +683,90 @@ class Trainer:
             self.lr_scheduler.step()
         self.step += 1
         self.tokens_seen += tokens
-        sums.update(loss=loss, lm_loss=lm_loss, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
-                    tokens=tokens)
+        sums.update(loss=loss, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"], tokens=tokens)
+        if self.token_windows:
+            sums["lm_loss"] = lm_loss
         return sums
+
+    # ---- any model: batches, outputs and losses --------------------------------------------------
+    def _to_device(self, batch: Any) -> Any:
+        """``batch`` (a tensor, or tuples / lists / dicts of them) on the training device."""
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, Mapping):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self._to_device(v) for v in batch) if type(batch) in (tuple, list) else \
+                type(batch)(*(self._to_device(v) for v in batch))  # a namedtuple
+        return batch
+
+    def _skip_sync(self, micro: int) -> bool:
+        """DDP: keep this micro-batch's gradients local (``no_sync``)? All-reduces run every
+        ``gradient_sync_steps`` micro-batches (default: once per step) and always on the last one."""
+        if not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return False
+        accum = self.args.gradient_accumulation_steps
+        every = self.args.gradient_sync_steps or accum
+        return micro < accum - 1 and (micro + 1) % every != 0
+
+    def _batch_items(self, batch: Any) -> int:
+        """Tokens of a token window (rows x seq_len); rows (examples) of any other batch."""
+        if self.token_windows:
+            return batch.shape[0] * self.args.seq_len
+        first = batch
+        while not isinstance(first, torch.Tensor):
+            if isinstance(first, Mapping) and first:
+                first = next(iter(first.values()))
+            elif isinstance(first, (tuple, list)) and first:
+                first = first[0]
+            else:
+                return 1
+        return first.shape[0] if first.dim() else 1
+
+    def _split_batch(self, batch: Any) -> tuple[tuple, dict, Any]:
+        """``(args, kwargs, labels)``: what the model is called with, and the labels ``loss_fn`` compares to."""
+        if isinstance(batch, Mapping):
+            if self.loss_fn is None:
+                return (), dict(batch), batch.get("labels")
+            if "labels" not in batch:
+                raise ValueError(f"loss_fn needs the labels: the batch is a dict without 'labels' (keys {sorted(batch)})")
+            return (), {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+        if isinstance(batch, (tuple, list)):
+            if self.loss_fn is None:
+                return tuple(batch), {}, batch[-1] if len(batch) > 1 else None
+            if len(batch) < 2:
+                raise ValueError("loss_fn needs the labels: a tuple batch is (inputs..., labels)")
+            return tuple(batch[:-1]), {}, batch[-1]
+        return (batch,), {}, batch if self.loss_fn is not None else None
+
+    def _generic_loss(self, batch: Any) -> tuple[torch.Tensor, dict, Any, tuple]:
+        """``(loss, parts, output, (predictions, labels))`` of one batch of a model that is not token windows."""
+        call_args, call_kwargs, labels = self._split_batch(batch)
+        out = self.model(*call_args, **call_kwargs)
+        logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+        if self.loss_fn is not None:
+            if logits is None:
+                logits = out[0] if isinstance(out, (tuple, list)) else out
+            loss = self.loss_fn(logits, labels)
+        elif isinstance(out, torch.Tensor) and out.dim() == 0:
+            loss = out
+        elif isinstance(out, Mapping) and out.get("loss") is not None:
+            loss = out["loss"]
+        elif getattr(out, "loss", None) is not None and isinstance(out.loss, torch.Tensor):
+            loss = out.loss
+        elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 0:
+            loss = out[0]
+            if logits is None and len(out) > 1 and isinstance(out[1], torch.Tensor):
+                logits = out[1]
+        else:
+            raise TypeError(f"the model returned {type(out).__name__}"
+                            f"{' of shape ' + str(tuple(out.shape)) if isinstance(out, torch.Tensor) else ''}: "
+                            "return a 0-dim loss, a dict or tuple holding the loss (first), or give Trainer "
+                            "loss_fn=(outputs, labels) -> loss")
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError(f"the loss must be a 0-dim tensor, got {type(loss).__name__}"
+                            f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}")
+        return loss, {}, out, (logits, labels)
 
     def _add_extra_losses(self, loss: torch.Tensor, parts: dict, window: torch.Tensor, out: Any) -> torch.Tensor:
         extras = [e for e in (cb.extra_loss(self, window, out) for cb in self.callbacks) if e is not None]
@@ -626,7 +809,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean next-token loss and perplexity over up to ``eval_batches`` validation batches."""
+        """Mean loss over up to ``eval_batches`` validation batches: ``val_loss`` (the next-token loss and
+        ``val_perplexity`` for token windows, the model's loss otherwise) and ``val_<name>`` for each task
+        metric of ``compute_metrics``, computed on the predictions of every data-parallel rank."""
         if self.val_loader is None:
             return {}
         was_training = self.model.training
@@ -635,6 +820,7 @@ class Trainer:
         if callable(swap):
             swap()
         total, count = torch.zeros((), device=self.device), 0
+        predictions, labels = [], []
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             # Evaluating must not move the training RNG streams (the val loader draws a seed), or resuming would diverge.
@@ -642,7 +828,19 @@ class Trainer:
                 for i, window in enumerate(self.val_loader):
                     if self.args.eval_batches is not None and i >= self.args.eval_batches:
                         break
-                    window = window.to(self.device)
+                    window = self._to_device(window)
+                    if not self.token_windows:
+                        with self._autocast():
+                            loss, _, _, (logits, label) = self._generic_loss(window)
+                        rows = self._batch_items(window)
+                        total += loss.float() * rows
+                        count += rows
+                        if self.compute_metrics is not None:
+                            if logits is None or label is None:
+                                raise ValueError("compute_metrics needs the model's logits and the batch's labels")
+                            predictions.append(logits.detach().float().cpu())
+                            labels.append(label.detach().cpu())
+                        continue
                     if self.pipeline is not None:
                         _, parts = self.pipeline.evaluate(window[:, : self.args.seq_len], window)
                     else:
@@ -663,6 +861,14 @@ class Trainer:
         if count == 0:
             raise ValueError("the validation loader yielded no batches")
         loss = total / count
+        if not self.token_windows:
+            result = {"val_loss": loss}
+            if self.compute_metrics is not None:
+                from nexus.training.metrics import gather_predictions
+
+                task = self.compute_metrics(gather_predictions(predictions, labels, self.parallel.dp_group))
+                result.update({f"val_{k}": float(v) for k, v in task.items()})
+            return result
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -709,21 +915,38 @@ class Trainer:
         extra = ckpt.plain_data(self.state_dict(weights=False))
         self._write_checkpoint(path, lambda: save_sharded(path, self.model, self.optimizer, extra))
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write everything a resume needs: to ``path`` when given (a file; a ``.dcp`` directory for a sharded
+        run), left out of the keep-last pruning; else ``checkpoint_step_<step>`` in ``checkpoint_dir``.
+        Example: ``trainer.save_checkpoint("checkpoint-1000.pt"); trainer.load_checkpoint("checkpoint-1000.pt")``
+        """
+        explicit = path is not None
+        if explicit:
+            path = Path(path)
+            if self.sharded and path.suffix != ".dcp":
+                raise ValueError(f"save_checkpoint({str(path)!r}): this run's parameters are sharded and every rank "
+                                 "writes its shards into a directory: give a path ending in .dcp")
+            if not self.sharded and path.suffix == ".dcp":
+                raise ValueError(f"save_checkpoint({str(path)!r}): .dcp names a sharded checkpoint directory; this "
+                                 "run writes one file (e.g. .pt)")
+            if self.is_main:
+                path.parent.mkdir(parents=True, exist_ok=True)
         if self.sharded:
-            path = self.checkpoint_dir / f"checkpoint_step_{self.step}.dcp"
+            path = path or self.checkpoint_dir / f"checkpoint_step_{self.step}.dcp"
             self._save_sharded(path)
-            self._on_main(lambda: ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last))
+            if not explicit:
+                self._on_main(lambda: ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last))
             self.last_checkpoint = path
             for cb in self.callbacks:
                 cb.on_save(self, path)
             return path
-        path = self.checkpoint_dir / f"checkpoint_step_{self.step}.pt"
+        path = path or self.checkpoint_dir / f"checkpoint_step_{self.step}.pt"
         state = self.state_dict()
 
         def write():
             self._write_checkpoint(path, lambda: ckpt.save_checkpoint(state, path))
-            ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last)
+            if not explicit:
+                ckpt.prune_checkpoints(self.checkpoint_dir, self.args.keep_last)
 
         self._on_main(write)
         self.last_checkpoint = path
@@ -759,7 +982,8 @@ class Trainer:
             print(line, flush=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore everything ``save_checkpoint`` wrote; the model must have the same parameters."""
+        """Restore everything ``save_checkpoint`` wrote (a file, a ``.dcp`` directory, or a checkpoint directory:
+        its latest); the model must have the same parameters. Training then continues exactly."""
         path = Path(path)
         if path.is_dir() and path.suffix != ".dcp":
             path = ckpt.latest_checkpoint(path)
@@ -782,6 +1006,8 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             if self.lr_scheduler is not None and state["scheduler"] is not None:
                 self.lr_scheduler.load_state_dict(state["scheduler"])
+            elif self._auto_schedule and state["scheduler"] is not None:  # built by train(), then given this state
+                self._pending_scheduler_state = state["scheduler"]
             if self.scaler and state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
             self.step = state["step"]
@@ -887,16 +1113,20 @@ class Trainer:
         return {**metrics, **dict(zip(keys, values))}
 
     def train(self, max_steps: int | None = None, resume_from: str | Path | None = None) -> TrainResult:
-        """Run until ``max_steps`` (argument, ``args.max_steps`` or ``args.total_tokens``), early stopping,
-        NaN, or SIGTERM / Ctrl-C (which finish the step, save a checkpoint and return)."""
+        """Run until ``max_steps`` (argument, ``args.max_steps``, ``args.total_tokens`` or ``args.num_epochs``
+        passes over a finite train loader), early stopping, NaN, or SIGTERM / Ctrl-C (which finish the step,
+        save a checkpoint and return)."""
         from nexus.training.progress import TrainingProgress
 
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             self._say(f"resumed from step {self.step} (tokens {self.tokens_seen:,}) of {resume_from}")
-        max_steps = max_steps or self.args.resolve_max_steps()
+        planned = self.args.resolve_max_steps(self._batches_per_epoch())
+        max_steps = max_steps or planned
         if max_steps is None:
-            raise ValueError("give max_steps (to train() or TrainingArguments) or total_tokens")
+            raise ValueError("give max_steps (to train() or TrainingArguments), total_tokens, or num_epochs with a "
+                             "train loader that has a length")
+        self._ensure_scheduler(planned or max_steps)  # the schedule spans the planned run
         if self.step >= max_steps:
             self._say(f"the run is finished: it is at step {self.step} of {max_steps}; nothing to train")
             return TrainResult(step=self.step, tokens_seen=self.tokens_seen, stop_reason="finished",
@@ -942,10 +1172,15 @@ class Trainer:
                     metrics["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
                     if self._flops_per_token and self.args.peak_flops:
                         metrics["mfu"] = metrics["tokens_per_s"] * self._flops_per_token / self.args.peak_flops
-                    progress.update(self.step, loss=metrics["lm_loss"], tokens_per_s=metrics["tokens_per_s"])
+                    progress.update(self.step, loss=metrics.get("lm_loss", metrics["loss"]),
+                                    tokens_per_s=metrics["tokens_per_s"])
                     if self.step % self.args.logging_steps == 0 or self.step == max_steps:
                         metrics = self._log_metrics(metrics)
-                        self.log(metrics)
+                        epoch = self._epoch()
+                        if epoch is not None:
+                            metrics["epoch"] = epoch
+                        system = self._system_metrics()
+                        self.log({**metrics, **system})
                         progress.print_metrics(self.step, max_steps, metrics)
                         for cb in self.callbacks:
                             cb.on_log(self, metrics)
@@ -993,6 +1228,45 @@ class Trainer:
             metrics=self._log_metrics(metrics),
             signal=self._stops.requested,
         )
+
+    def _batches_per_epoch(self) -> int | None:
+        """Micro-batches in one pass over the train loader; None for a loader without a length."""
+        try:
+            return len(self.train_loader)
+        except TypeError:
+            return None
+
+    def _epoch(self) -> float | None:
+        """Passes over the train loader so far (fractional), for logging; None without a length."""
+        n = self._batches_per_epoch()
+        return self.micro_batches_seen / n if n else None
+
+    def _system_metrics(self) -> dict:
+        if not self.args.system_metrics or not self.is_main:
+            return {}
+        from nexus.training.metrics import system_metrics
+
+        return system_metrics(self.device)
+
+    def _ensure_scheduler(self, max_steps: int) -> None:
+        """Build the "auto" schedule over ``max_steps`` (once), then apply a state a checkpoint brought."""
+        if not self._auto_schedule or self.lr_scheduler is not None:
+            return
+        from nexus.training.run import build_scheduler
+
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        if self._pending_scheduler_state is not None:  # the peaks the schedule was built on, not the current lrs
+            for group in self.optimizer.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"])
+        args = self.args
+        if args.warmup_steps > max_steps:
+            raise ValueError(f"warmup_steps ({args.warmup_steps}) exceeds the run's {max_steps} steps")
+        self.lr_scheduler = build_scheduler(self.optimizer, args, max_steps)
+        if self._pending_scheduler_state is not None:
+            self.lr_scheduler.load_state_dict(self._pending_scheduler_state)
+            for group, group_lr in zip(self.optimizer.param_groups, lrs):  # as the checkpoint left them
+                group["lr"] = group_lr
+            self._pending_scheduler_state = None
 
     def _finish(self, failed: bool) -> None:
         """End-of-run callbacks and closing the loggers; while an error is already on its way out, a failure

@@ -1,6 +1,7 @@
 """Trainer: accumulation, resume equivalence, atomic checkpoints, NaN stop, best/early stopping, logging."""
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ class TinyLM(torch.nn.Module):
         self.drop = torch.nn.Dropout(dropout)
         self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, vocab) for _ in range(n_pred))
         self.poison = False
+        self.config = types.SimpleNamespace(n_pred_tokens=n_pred)  # as MoETransformer: the Trainer's token windows
 
     def forward(self, ids):
         h = self.drop(self.embed_tokens(ids))
