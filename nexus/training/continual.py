@@ -66,7 +66,8 @@ class EWC(TrainerCallback):
     parameters); ``tasks`` holds them all.
 
     As a Trainer callback it consolidates at ``trainer.start_task`` on up to ``max_batches`` (default: the Trainer's
-    ``eval_batches``, else 20) batches of the finished task's loader (loss ``trainer.compute_loss``) and adds ``penalty()`` to every micro-batch's loss.
+    ``eval_batches``, else 20) batches of the finished task's loader (the Trainer's loss) and adds ``penalty()``
+    to every micro-batch's loss.
 
     Example::
         ewc = EWC(model, ewc_lambda=100.0, online=True, gamma=0.9)

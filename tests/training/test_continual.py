@@ -3,6 +3,7 @@ the anchors (offline and online), less forgetting than plain fine-tuning (EWC, o
 reservoir sampling's uniformity, progressive networks' frozen columns, and task boundaries in the Trainer."""
 import copy
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -248,6 +249,7 @@ class TinyLM(torch.nn.Module):
         super().__init__()
         self.embed = torch.nn.Embedding(VOCAB, 12)
         self.head = torch.nn.Linear(12, VOCAB)
+        self.config = types.SimpleNamespace(n_pred_tokens=1)  # a token-window model to the Trainer
 
     def forward(self, ids):
         return Out(self.head(torch.tanh(self.embed(ids))), ())
@@ -268,7 +270,9 @@ def make_trainer(tmp_path, data, callbacks, seed=0):
                              eval_interval=100, save_interval=100, progress_bar=False, tensorboard=False,
                              device="cpu", eval_batches=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    return Trainer(model=model, optimizer=opt, train_loader=loader, args=args, callbacks=callbacks(model))
+    constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return Trainer(model=model, optimizer=opt, lr_scheduler=constant, train_loader=loader, args=args,
+                   callbacks=callbacks(model))
 
 
 def continual_callbacks(model):
