@@ -151,7 +151,7 @@ def _scale_to_bytes(scale: torch.Tensor) -> torch.Tensor:
 
 def _bytes_to_scale(raw: torch.Tensor) -> torch.Tensor:
     """uint8 [..., nb * 4] little-endian -> float32 [..., nb]."""
-    parts = raw.long().reshape(*raw.shape[:-1], -1, SCALE_BYTES)
+    parts = raw.long().reshape(*raw.shape[:-1], raw.shape[-1] // SCALE_BYTES, SCALE_BYTES)
     bits = sum(parts[..., i] << (8 * i) for i in range(SCALE_BYTES))
     bits = torch.where(bits >= 2**31, bits - 2**32, bits)  # as int32 two's complement
     return bits.to(torch.int32).view(torch.float32)
@@ -295,7 +295,10 @@ def _quantize_pack_impl(x: torch.Tensor, fmt: str, block_size: int, stochastic: 
 
 
 def _quantize_pack_fake(x, fmt, block_size, stochastic, seed):
-    return x.new_empty(x.shape[0], packed_nbytes(x.shape[1], fmt, block_size), dtype=torch.uint8)
+    spec = _check_format(fmt, block_size)
+    # n may be symbolic here: the formula of packed_nbytes without its int check
+    row_bytes = _num_blocks(x.shape[1], block_size) * (_payload_bytes(spec, block_size) + SCALE_BYTES)
+    return x.new_empty(x.shape[0], row_bytes, dtype=torch.uint8)
 
 
 def _unpack_dequantize_impl(buf: torch.Tensor, n: int, fmt: str, block_size: int,
