@@ -279,8 +279,12 @@ def head_block(d: int) -> int:
 
 def gpu_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     """Tiles, warps and stages on a GPU for ``kind`` in fwd | dkdv | dq (FlashAttention-2 / Triton
-    tutorial choices for Hopper; fp32 operands take half the stages: twice the bytes per tile)."""
+    tutorial choices for Hopper). fp32 operands (full-precision FMA products, no tensor cores: a
+    correctness path) take small tiles and two stages."""
     wide = block_d > 128
+    if dtype == torch.float32:
+        m, n = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}[kind]
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=2)
     if kind == "fwd":
         cfg = dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, num_warps=8 if block_d >= 128 else 4,
                    num_stages=3)
@@ -292,8 +296,6 @@ def gpu_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
                    num_stages=3)
     else:
         raise ValueError(f"kind={kind!r}; expected fwd, dkdv or dq")
-    if dtype == torch.float32:
-        cfg["num_stages"] = 1 if wide else 2
     return cfg
 
 

@@ -299,43 +299,41 @@ def _soap_matmul_specs():
 
 # ----------------------------------------------------------------------------------------------
 # attention.py: _attention_kernels.forward / backward on CUDA (attn_k.gpu_config per head block);
-# contiguous q, k, v, dout (unit last strides); head dims 64, 128 and a padded 96; causal or not
+# contiguous q, k, v, dout (unit last strides). bf16 at head dims 64 and 128, causal or not; fp16
+# at 128, a padded head dim 96 and fp32 (small tiles, no tensor cores) causal only
 # ----------------------------------------------------------------------------------------------
 _ATTN_STRIDES = ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn")
+_ATTN_CASES = [(torch.bfloat16, d, causal) for d in (64, 128) for causal in (False, True)] + [
+    (torch.float16, 128, True), (torch.bfloat16, 96, True), (torch.float32, 64, True)]
 
 
 def _attn_specs(kind):
     specs = []
     kernel = {"fwd": attn_k._attn_fwd_kernel, "dkdv": attn_k._attn_bwd_dkdv_kernel,
               "dq": attn_k._attn_bwd_dq_kernel}[kind]
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for d in (64, 128, 96):
-            if d == 96 and dtype != torch.bfloat16:
-                continue  # padding only changes masks: one dtype is enough
-            block_d = attn_k.head_block(d)
-            cfg = attn_k.gpu_config(kind, block_d, dtype)
-            for causal in (False, True):
-                types = {"q_ptr": _ptr(dtype), "k_ptr": _ptr(dtype), "v_ptr": _ptr(dtype),
-                         "Sq": "i32", "n_keys": "i32", "diag": "i32", "qk_scale": "fp32", "GROUPS": "i32",
-                         **{s: "i32" for s in _ATTN_STRIDES}}
-                consts = dict(sqd=1, skd=1, svd=1, CAUSAL=causal, HEAD_DIM=d, BLOCK_D=block_d, UPCAST=False,
-                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-                if kind == "fwd":
-                    types.update(o_ptr=_ptr(dtype), lse_ptr="*fp32", sob="i32", soh="i32", som="i32", HQ="i32")
-                    consts["sod"] = 1
-                    aligned = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "lse_ptr")
-                else:
-                    types.update(do_ptr=_ptr(dtype), lse_ptr="*fp32", delta_ptr="*fp32", sdb="i32", sdh="i32",
-                                 sdm="i32", sm_scale="fp32")
-                    consts["sdd"] = 1
-                    if kind == "dkdv":
-                        types.update(dk_ptr="*fp32", dv_ptr="*fp32", Sk="i32", HKV="i32")
-                    else:
-                        types.update(dq_ptr="*fp32", HQ="i32")
-                    aligned = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "lse_ptr", "delta_ptr")
-                specs.append(Spec(f"{kernel.__name__} {_DTN[dtype]} D={d} causal={causal} {cfg}", kernel, types,
-                                  consts, aligned=aligned, num_warps=cfg["num_warps"],
-                                  num_stages=cfg["num_stages"], expect_mma=dtype != torch.float32))
+    for dtype, d, causal in _ATTN_CASES:
+        block_d = attn_k.head_block(d)
+        cfg = attn_k.gpu_config(kind, block_d, dtype)
+        types = {"q_ptr": _ptr(dtype), "k_ptr": _ptr(dtype), "v_ptr": _ptr(dtype), "lse_ptr": "*fp32",
+                 "Sq": "i32", "n_keys": "i32", "diag": "i32", "qk_scale": "fp32", "GROUPS": "i32",
+                 **{s: "i32" for s in _ATTN_STRIDES}}
+        consts = dict(sqd=1, skd=1, svd=1, CAUSAL=causal, HEAD_DIM=d, BLOCK_D=block_d, UPCAST=False,
+                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        if kind == "fwd":
+            types.update(o_ptr=_ptr(dtype), sob="i32", soh="i32", som="i32", HQ="i32")
+            consts["sod"] = 1
+            aligned = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "lse_ptr")
+        else:  # the launcher casts dout to q's dtype; dq, dk, dv, lse, delta are contiguous float32
+            types.update(do_ptr=_ptr(dtype), delta_ptr="*fp32", sdb="i32", sdh="i32", sdm="i32", sm_scale="fp32")
+            consts["sdd"] = 1
+            if kind == "dkdv":
+                types.update(dk_ptr="*fp32", dv_ptr="*fp32", Sk="i32", HKV="i32")
+            else:
+                types.update(dq_ptr="*fp32", HQ="i32")
+            aligned = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "lse_ptr", "delta_ptr")
+        specs.append(Spec(f"{kernel.__name__} {_DTN[dtype]} D={d} causal={causal} {cfg}", kernel, types, consts,
+                          aligned=aligned, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                          expect_mma=dtype != torch.float32))
     return specs
 
 

@@ -25,7 +25,8 @@ from tests.kernels import _compile_driver as driver_src
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SM90 = ["cast", "decode", "to_mx", "from_mx", "comm_pack", "comm_unpack", "ns_syrk", "ns_update", "soap_precond_ema", "soap_matmul"]
+SM90 = ["cast", "decode", "to_mx", "from_mx", "comm_pack", "comm_unpack", "ns_syrk", "ns_update", "soap_precond_ema", "soap_matmul",
+        "attn_fwd", "attn_dkdv", "attn_dq"]
 SM80 = ["ns_bf16_first"]
 # shared memory per block an sm_90 kernel may use (227 KiB)
 H100_SHARED = 232448
@@ -92,6 +93,8 @@ def test_compiles_for_sm90(compiled, family):
         big = [(r["label"], r["shared"]) for r in bf16 if r["shared"] > H100_SHARED]
         assert not big, big
     else:
+        if family.startswith("attn_"):  # 16-bit attention matmuls run on Hopper's warpgroup MMA
+            assert all(r["wgmma"] for r in results if r["expect_mma"]), [r["label"] for r in results]
         # fixed launch configurations: every specialization must fit in shared memory
         big = [(r["label"], r["shared"]) for r in results if r["shared"] > H100_SHARED]
         assert not big, big
