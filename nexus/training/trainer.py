@@ -296,11 +296,12 @@ class TrainerCallback:
     def on_evaluate(self, trainer: Trainer, metrics: dict) -> None: ...
     def on_save(self, trainer: Trainer, path: Path) -> None: ...
     def on_train_end(self, trainer: Trainer) -> None: ...
-    def on_task_end(self, trainer: Trainer) -> None: ...  # trainer.start_task: the finished task's loaders still set
+    def on_task_end(self, trainer: Trainer) -> None: ...  # at trainer.start_task, before the loaders change
 
     def extra_loss(self, trainer: Trainer, window: torch.Tensor, out: Any) -> torch.Tensor | None:
-        """A term added to each micro-batch's loss (a continual-learning regulariser); ``out`` is the model's
-        output on ``window[:, :seq_len]``. A callback with ``state_dict``/``load_state_dict`` is checkpointed."""
+        """A term added to each micro-batch's loss (a continual-learning regulariser); ``window`` is the batch
+        and ``out`` the model's output on ``trainer.model_inputs(window)``. A callback with
+        ``state_dict``/``load_state_dict`` is checkpointed."""
         return None
 
 
@@ -784,6 +785,20 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self._data_iter, self.micro_batches_seen = None, 0  # the data position counts within the task
         self.best_metric, self.evals_without_improvement = None, 0
+
+    def batch_loss(self, batch: Any) -> torch.Tensor:
+        """One batch's loss as the loop computes it, without callbacks' extra losses (EWC's Fisher, curricula's
+        per-sample scores); the batch is moved to the device."""
+        batch = self._to_device(batch)
+        with self._autocast():
+            return self.compute_loss(batch)[0] if self.token_windows else self._generic_loss(batch)[0]
+
+    def model_inputs(self, batch: Any) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` the loop calls the model with on ``batch`` (LwF calls its frozen copy alike)."""
+        if self.token_windows:
+            return (batch[:, : self.args.seq_len],), {}
+        args, kwargs, _ = self._split_batch(batch)
+        return args, kwargs
 
     def _callback_states(self) -> dict:
         return {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)
