@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
 import json
 import math
@@ -288,6 +289,125 @@ def _init_with_synonyms(self, **kwargs):
 TrainingArguments.__init__ = _init_with_synonyms
 
 
+@dataclasses.dataclass(kw_only=True)
+class ModelParallelConfig:
+    """Seed 003's model parallelism: ``tensor_parallel_size`` x ``pipeline_parallel_size`` ranks hold one copy
+    of the model (Megatron column/row splits, layers in pipeline stages); the rest of the world is data
+    parallel (``data_parallel_strategy`` fsdp2 | ddp). The run file's ``distributed: {tp, pp, ...}``.
+    Example: ``ModelParallelConfig(tensor_parallel_size=4, pipeline_parallel_size=2)``"""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    sequence_parallel: bool = True
+    pipeline_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b
+    pipeline_microbatches: int | None = None  # default: 2 x pipeline_parallel_size
+    data_parallel_strategy: str = "fsdp2"
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "pipeline_microbatches"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ModelParallelConfig.{name} must be a positive integer, got {value!r}")
+        if self.data_parallel_strategy not in ("fsdp2", "ddp"):
+            raise ValueError(f"ModelParallelConfig.data_parallel_strategy must be fsdp2 or ddp, got "
+                             f"{self.data_parallel_strategy!r}")
+        self.distributed_config()  # validates the schedule
+
+    def distributed_config(self):
+        """The ``DistributedConfig`` (run file ``distributed:`` section) this asks for."""
+        from nexus.training.distributed.mesh import DistributedConfig
+
+        try:
+            return DistributedConfig(strategy=self.data_parallel_strategy, tp=self.tensor_parallel_size,
+                                     pp=self.pipeline_parallel_size, sequence_parallel=self.sequence_parallel,
+                                     pp_schedule=self.pipeline_schedule, pp_microbatches=self.pipeline_microbatches)
+        except ValueError as exc:
+            raise ValueError(f"ModelParallelConfig: {exc}") from None
+
+
+class MPIBackend(enum.Enum):
+    """Which MPI launched the ranks (it names the rank variables); seed 003's spellings are aliases."""
+
+    OPENMPI = "openmpi"
+    MPICH = "mpich"
+    INTEL_MPI = "intel_mpi"
+    OpenMPI = "openmpi"
+    IntelMPI = "intel_mpi"
+
+    @classmethod
+    def _missing_(cls, value):
+        return cls.__members__.get(value) if isinstance(value, str) else None
+
+
+@dataclasses.dataclass(kw_only=True)
+class MPIConfig:
+    """An MPI launch (``mpirun -np N``): ``rank`` / ``world_size`` default to the launcher's variables;
+    ``init_method`` ``tcp://host:port`` is where rank 0 meets the others (default: ``MASTER_ADDR`` /
+    ``MASTER_PORT``, or 127.0.0.1:29500 when every rank is on this machine). The collectives are
+    torch.distributed's (Gloo / NCCL).
+    Example: ``MPIConfig(backend=MPIBackend.MPICH, init_method="tcp://node0:23456", world_size=8, rank=0)``"""
+
+    backend: MPIBackend = MPIBackend.OPENMPI
+    init_method: str | None = None
+    world_size: int | None = None
+    rank: int | None = None
+
+    def __post_init__(self):
+        try:
+            self.backend = MPIBackend(self.backend)
+        except ValueError:
+            raise ValueError(f"MPIConfig.backend must be one of {[b.value for b in MPIBackend]}, "
+                             f"got {self.backend!r}") from None
+        if self.world_size is not None and (isinstance(self.world_size, bool) or self.world_size < 1):
+            raise ValueError(f"MPIConfig.world_size must be >= 1, got {self.world_size!r}")
+        if self.rank is not None and not 0 <= self.rank < (self.world_size or self.rank + 1):
+            raise ValueError(f"MPIConfig.rank must be in [0, world_size), got rank={self.rank}, "
+                             f"world_size={self.world_size}")
+        if self.init_method is not None:
+            self.address()
+
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the rendezvous."""
+        import os
+
+        if self.init_method is None:
+            return os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500))
+        scheme, _, rest = self.init_method.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme != "tcp" or not host or not port.isdigit():
+            raise ValueError(f"MPIConfig.init_method must be tcp://host:port, got {self.init_method!r}")
+        return host, int(port)
+
+    def launcher_env(self) -> tuple[int, int, int] | None:
+        """(rank, world size, local rank) from the MPI launcher's variables; None outside an MPI launch."""
+        import os
+
+        env = os.environ
+        names = {MPIBackend.OPENMPI: ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")}
+        rank_var, size_var, local_var = names.get(self.backend, ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"))
+        if rank_var not in env or size_var not in env:
+            return None
+        return int(env[rank_var]), int(env[size_var]), int(env.get(local_var, 0))
+
+    def resolve(self, launched: tuple[int, int, int] | None) -> tuple[int, int, int]:
+        """(rank, world size, local rank): the config's values, which must agree with the launch's."""
+        if launched is not None:
+            for name, mine, theirs in (("rank", self.rank, launched[0]), ("world_size", self.world_size, launched[1])):
+                if mine is not None and mine != theirs:
+                    raise ValueError(f"MPIConfig.{name}={mine} but the launch says {theirs}")
+            return launched
+        world = self.world_size or 1
+        if world > 1 and self.rank is None:
+            raise ValueError(f"MPIConfig.world_size={world} outside an MPI launch: give rank too (or run under mpirun)")
+        return self.rank or 0, world, 0
+
+
+def _ddp_config():
+    from nexus.training.distributed.mesh import DistributedConfig
+
+    return DistributedConfig(strategy="ddp")
+
+
 class TrainerCallback:
     """Hooks called by ``Trainer``; override the ones you need. Set ``trainer.should_stop`` to stop."""
 
@@ -507,6 +627,7 @@ class Trainer:
 
         train, val = self._datasets
         rank, size = self.parallel.dp_rank, self.parallel.dp_size
+        self._epoch_batches = None  # micro-batches per pass over a map-style train dataset (its stream is endless)
         for name, batch in (("train_batch_size", self.args.train_batch_size),
                             ("eval_batch_size", self.args.eval_batch_size or self.args.train_batch_size)):
             if batch % size:
@@ -519,6 +640,7 @@ class Trainer:
             else:
                 sampler = ResumableShuffleSampler(len(train), seed=self.args.seed, rank=rank, world_size=size,
                                                   batch_size=local)
+                self._epoch_batches = max(len(train) // self.args.train_batch_size, 1)
                 # a private generator keeps DataLoader's per-iterator seed draw off the global RNG stream
                 self.train_loader = DataLoader(train, batch_size=local, sampler=sampler,
                                                generator=torch.Generator().manual_seed(self.args.seed))
@@ -532,6 +654,152 @@ class Trainer:
                     len(val), rank=rank, world_size=size, batch_size=local_eval))
         elif val is not None:
             self.val_loader = val
+
+    # ---- seed 003's builders: each the run file's machinery (run.place_model), returning the trainer ---------
+    def with_data_parallel(self, config: Any = None) -> Trainer:
+        """Data parallel over the launcher's ranks (``torchrun`` / ``mpirun``): the model replicated under DDP
+        (or ``config``, a ``DistributedConfig``, e.g. ``strategy="fsdp2"``), each rank a share of every global
+        batch of ``train_batch_size`` (datasets are split; loaders given are used as they are), gradients
+        averaged. Under one process this is a world of one: training is unchanged. Call before ``train()``.
+        Example: ``trainer = Trainer(model, data, optimizer, args).with_data_parallel()``"""
+        from nexus.training.distributed.mesh import DistributedConfig
+
+        return self._apply_parallel(config or DistributedConfig(strategy="ddp"), "with_data_parallel")
+
+    def with_model_parallel(self, config: ModelParallelConfig) -> Trainer:
+        """Tensor parallel over ``config.tensor_parallel_size`` ranks and pipeline parallel over
+        ``pipeline_parallel_size`` (the plans of ``MoETransformer``); the ranks left over are data parallel
+        (FSDP2). Under one process (a world of one) the model stays whole and this says so.
+        Example: ``trainer.with_model_parallel(ModelParallelConfig(tensor_parallel_size=2))``"""
+        if not isinstance(config, ModelParallelConfig):
+            raise TypeError(f"with_model_parallel takes a ModelParallelConfig, got {type(config).__name__}")
+        return self._apply_parallel(config.distributed_config(), "with_model_parallel")
+
+    def with_zero(self, config: Any) -> Trainer:
+        """ZeRO stage 1, 2 or 3 (``nexus.training.distributed.zero.ZeROConfig``) over the data-parallel ranks:
+        the run file's ``strategy: zero``. Under one process (a world of one) nothing is partitioned.
+        Example: ``trainer.with_zero(ZeROConfig(stage=3, offload_optimizer=True, offload_params=False))``"""
+        from nexus.training.distributed.mesh import DistributedConfig
+        from nexus.training.distributed.zero import ZeROConfig
+
+        if not isinstance(config, ZeROConfig):
+            raise TypeError(f"with_zero takes a ZeROConfig, got {type(config).__name__}")
+        return self._apply_parallel(DistributedConfig(strategy="zero", zero_stage=config.stage,
+                                                      offload_optimizer=config.offload_optimizer,
+                                                      offload_params=config.offload_params), "with_zero")
+
+    def with_qat(self, config: Any = None) -> Trainer:
+        """Quantization-aware training: every ``nn.Linear`` becomes a fake-quantized ``QATLinear`` (the run
+        file's ``qat:`` section, ``nexus.training.qat.prepare_qat``). Call before the parallel builders.
+        Example: ``trainer.with_qat(QATConfig(observer_type=ObserverType.MinMaxObserver))``"""
+        from nexus.training.qat import QATConfig, prepare_qat
+
+        if config is not None and not isinstance(config, QATConfig):
+            raise TypeError(f"with_qat takes a QATConfig, got {type(config).__name__}")
+        if _is_wrapped(self.model) or self.pipeline is not None:
+            raise RuntimeError("with_qat: call it before the parallel builders (layers are swapped before they are "
+                               "sharded, in parallelize's order)")
+        if self.args.precision in ("fp8", "mxfp8", "fp4"):
+            raise ValueError(f"with_qat and precision={self.args.precision} both replace Linear layers; choose one")
+        self.model = prepare_qat(self.model, config or QATConfig())  # same Parameters: the optimizer stays valid
+        return self
+
+    def with_mpi(self, config: MPIConfig) -> Trainer:
+        """Data parallel over the ranks of an MPI launch (``mpirun -np N``): rank and world size from
+        ``config`` or the launcher's variables (OpenMPI's ``OMPI_COMM_WORLD_*``, MPICH / Intel MPI's
+        ``PMI_*``), the rendezvous at ``config.init_method`` (``tcp://host:port``), then torch.distributed
+        (Gloo on CPUs, NCCL on GPUs) as :meth:`with_data_parallel`. A world of one under one process."""
+        if not isinstance(config, MPIConfig):
+            raise TypeError(f"with_mpi takes an MPIConfig, got {type(config).__name__}")
+        import os
+
+        import torch.distributed as dist
+
+        launched = config.launcher_env()
+        if dist.is_available() and dist.is_initialized():  # already joined: the config must agree
+            launched = (dist.get_rank(), dist.get_world_size(), launched[2] if launched else 0)
+        rank, world, local = config.resolve(launched)
+        if world > 1 and not (dist.is_available() and dist.is_initialized()):
+            host, port = config.address()
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local), MASTER_ADDR=host,
+                              MASTER_PORT=str(port))
+        return self._apply_parallel(_ddp_config(), "with_mpi")
+
+    def with_rlhf(self, config: Any = None) -> Trainer:
+        """RLHF (reward model, PPO with a KL penalty): not built here; issue 13 (advanced training methods)."""
+        raise NotImplementedError("Trainer.with_rlhf: RLHF is issue 13 (advanced training methods: reward model, "
+                                  "PPO with KL, DPO), built in nexus.training.rlhf; not wired into the Trainer yet")
+
+    def _check_launch(self) -> None:
+        """``args.world_size`` / ``args.local_rank``, when set, must match what the launcher started."""
+        from nexus.training.distributed.mesh import launch_env
+
+        env = launch_env()
+        if self.args.world_size is not None and self.args.world_size != env.world_size:
+            raise ValueError(f"world_size={self.args.world_size} but {env.world_size} process(es) were launched "
+                             f"({env.launcher}); launch with torchrun --nproc-per-node / mpirun -np, or unset it")
+        if self.args.local_rank not in (None, -1) and self.args.local_rank != env.local_rank:
+            raise ValueError(f"local_rank={self.args.local_rank} but the launcher gave this process local rank "
+                             f"{env.local_rank}; unset it (the launcher's LOCAL_RANK is used)")
+
+    def _apply_parallel(self, config: Any, what: str) -> Trainer:
+        """Join the process group, build the mesh of ``config`` and place the model as ``nexus train`` does
+        (``run.place_model``); rebuild the optimizer over the placed parameters and split the datasets."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        from nexus.training.distributed.mesh import init_parallel, launch_env
+        from nexus.training.run import place_model
+
+        if self.step > 0 or any(self.optimizer.state.values()):
+            raise RuntimeError(f"{what}: call it before training (the optimizer has already stepped)")
+        if _is_wrapped(self.model) or self.pipeline is not None:
+            raise RuntimeError(f"{what}: the model is already placed ({type(self.model).__name__}); "
+                               "use one parallel builder (data, model, ZeRO or MPI)")
+        self._check_launch()
+        if self.args.backend == "mpi" and not dist.is_mpi_available():
+            raise ValueError("backend='mpi': this torch has no MPI backend (torch.distributed.is_mpi_available() is "
+                             "False); under mpirun use backend gloo (CPU) or nccl (GPU) with with_mpi(MPIConfig(...))")
+        if self.args.backend in ("gloo", "nccl") and config.backend is None:
+            config = dataclasses.replace(config, backend=self.args.backend)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launch_env().world_size
+        if world == 1 and max(config.tp, config.pp, config.cp, config.dp_replicate, config.dp_shard) > 1:
+            self._say(f"{what}: tp {config.tp} x pp {config.pp} need that many ranks; this is a world of one "
+                      "process: the model stays whole")
+            config = dataclasses.replace(config, tp=1, pp=1, cp=1, dp_replicate=1, dp_shard=-1)
+        ctx = init_parallel(config, device_type=self.device.type)
+        inner = self.unwrapped_model
+        if (ctx.sizes["tp"] > 1 or ctx.sizes["pp"] > 1) and not hasattr(getattr(inner, "config", None), "n_pred_tokens"):
+            raise ValueError(f"{what}: tensor and pipeline parallel plans exist for nexus.models.moe.MoETransformer; "
+                             f"{type(inner).__name__} can be data parallel (with_data_parallel, with_zero)")
+        names = {id(p): n for n, p in inner.named_parameters()}
+        pipeline, model = place_model(inner, ctx, self.args, self.device)
+        from nexus.training.distributed.data_parallel import unwrap_model
+
+        placed = unwrap_model(model)
+        optimizer = self.optimizer
+        placed_params = dict(placed.named_parameters())
+        if any(id(p) not in names for p in placed_params.values()):  # sharding replaced the Parameters
+            # the same groups and hyperparameters over the placed Parameters (a pipeline rank: its stages' only)
+            groups = [{**{k: v for k, v in g.items() if k != "params"},
+                       "params": [placed_params[names[id(p)]] for p in g["params"] if names[id(p)] in placed_params]}
+                      for g in optimizer.param_groups]
+            optimizer = type(optimizer)([g for g in groups if g["params"]], **optimizer.defaults)
+        if ctx.distributed:
+            from nexus.training.distributed.zero import shard_optimizer
+
+            optimizer = shard_optimizer(optimizer, ctx)
+        if optimizer is not self.optimizer and self.lr_scheduler is not None:
+            raise ValueError(f"{what}: the optimizer is rebuilt over the placed parameters, so a scheduler built on "
+                             "the old one would not drive it: leave lr_scheduler='auto' (the default) or None")
+        self.parallel, self.is_main = ctx, ctx.is_main
+        self.model, self.pipeline, self.optimizer = model, pipeline, optimizer
+        self.sharded = pipeline is not None or any(isinstance(p, DTensor) for p in self.model.parameters())
+        if pipeline is not None:
+            self.token_windows = True
+        self._build_loaders()
+        self._data_iter = None
+        return self
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
@@ -1184,11 +1452,11 @@ class Trainer:
                         break
                     window_time += time.perf_counter() - step_start
                     window_tokens += metrics.pop("tokens")
-                    metrics["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
+                    rate = window_tokens / max(window_time, 1e-9)  # examples per second for a model with labels
+                    metrics["tokens_per_s" if self.token_windows else "samples_per_s"] = rate
                     if self._flops_per_token and self.args.peak_flops:
-                        metrics["mfu"] = metrics["tokens_per_s"] * self._flops_per_token / self.args.peak_flops
-                    progress.update(self.step, loss=metrics.get("lm_loss", metrics["loss"]),
-                                    tokens_per_s=metrics["tokens_per_s"])
+                        metrics["mfu"] = rate * self._flops_per_token / self.args.peak_flops
+                    progress.update(self.step, loss=metrics.get("lm_loss", metrics["loss"]), tokens_per_s=rate)
                     if self.step % self.args.logging_steps == 0 or self.step == max_steps:
                         metrics = self._log_metrics(metrics)
                         epoch = self._epoch()
@@ -1245,7 +1513,9 @@ class Trainer:
         )
 
     def _batches_per_epoch(self) -> int | None:
-        """Micro-batches in one pass over the train loader; None for a loader without a length."""
+        """Micro-batches in one pass over the train data; None for a loader without a length."""
+        if self._epoch_batches is not None:
+            return self._epoch_batches
         try:
             return len(self.train_loader)
         except TypeError:
