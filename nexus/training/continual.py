@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
@@ -156,7 +157,7 @@ class EWC(TrainerCallback):
     def on_task_end(self, trainer: Trainer) -> None:
         with torch.random.fork_rng(devices=[]):  # a loader's seed draw must not move the training RNG stream
             limit = self.max_batches or getattr(trainer.args, "eval_batches", None) or 20  # train loaders are endless
-            self.consolidate(trainer.train_loader, lambda model, window: trainer.compute_loss(window)[0], limit)
+            self.consolidate(trainer.train_loader, lambda model, batch: trainer.batch_loss(batch), limit)
 
     def extra_loss(self, trainer: Trainer, window: torch.Tensor, out: Any) -> torch.Tensor | None:
         return self.penalty() if self.tasks else None
@@ -181,12 +182,20 @@ def distillation_loss(logits: torch.Tensor, old_logits: torch.Tensor, temperatur
     return kl.mean() * t * t
 
 
+def _logits(out: Any) -> torch.Tensor:
+    """The logits of a model output: ``out["logits"]``, ``out.logits`` or the tensor itself."""
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"LwF found no logits in a {type(out).__name__} output: give LwF(outputs_of=...)")
+    return logits
+
+
 class LwF(TrainerCallback):
     """Learning without Forgetting: ``alpha * distillation_loss(new, old, temperature)`` on the current inputs,
     where ``old`` is a frozen copy of the model taken by ``consolidate()`` at a task boundary.
 
-    ``outputs_of(out)`` picks the logits from a model output (default: ``out.logits`` when present, else ``out``).
-    As a Trainer callback it snapshots at ``trainer.start_task`` and distils on ``window[:, :seq_len]``.
+    ``outputs_of(out)`` picks the logits from a model output (default: ``out["logits"]``, ``out.logits`` or ``out``).
+    As a Trainer callback it snapshots at ``trainer.start_task`` and distils on each batch's model inputs.
 
     Example::
         lwf = LwF(model, alpha=1.0, temperature=2.0)
@@ -203,7 +212,7 @@ class LwF(TrainerCallback):
         self.model = model
         self.alpha = float(alpha)
         self.temperature = float(temperature)
-        self.outputs_of = outputs_of or (lambda out: getattr(out, "logits", out))
+        self.outputs_of = outputs_of or _logits
         self.old_model: torch.nn.Module | None = None
 
     def consolidate(self) -> None:
@@ -224,10 +233,13 @@ class LwF(TrainerCallback):
     def on_task_end(self, trainer: Trainer) -> None:
         self.consolidate()
 
-    def extra_loss(self, trainer: Trainer, window: torch.Tensor, out: Any) -> torch.Tensor | None:
+    def extra_loss(self, trainer: Trainer, window: Any, out: Any) -> torch.Tensor | None:
         if self.old_model is None:
             return None
-        return self.penalty(window[:, : trainer.args.seq_len], self.outputs_of(out))
+        args, kwargs = trainer.model_inputs(window)
+        with torch.no_grad():
+            old = self.outputs_of(self.old_model(*args, **kwargs))
+        return self.alpha * distillation_loss(self.outputs_of(out), old, self.temperature)
 
     def state_dict(self) -> dict:
         return {"old_model": None if self.old_model is None else self.old_model.state_dict()}

@@ -200,8 +200,8 @@ class SelfPacedCurriculum(_Curriculum):
     each round). ``lam`` is raised for a round if needed so that at least ``min_fraction`` of the samples,
     the easiest, keep a weight of at least 1/2.
 
-    ``sample_losses(trainer, batch)`` -> per-sample losses [B] (default: the Trainer's loss of each window on
-    its own); scoring runs without gradients, in eval mode, over ``dataset`` in order.
+    ``sample_losses(trainer, batch)`` -> per-sample losses [B] for batches of ``score_batch_size`` (default: the
+    Trainer's loss of each sample, one at a time); scoring runs without gradients, in eval mode, over ``dataset`` in order.
 
     Example::
         curriculum = SelfPacedCurriculum(dataset, lam=3.0, growth=1.2, mode="linear")
@@ -226,7 +226,7 @@ class SelfPacedCurriculum(_Curriculum):
         self.dataset = dataset
         self.lam, self.growth, self.mode, self.min_fraction = float(lam), float(growth), mode, min_fraction
         self.update_every, self.score_batch_size = update_every, score_batch_size
-        self.sample_losses = sample_losses or _window_losses
+        self.sample_losses = sample_losses
         self.rounds = 0
         self.weights: torch.Tensor | None = None  # the newest round's weight per sample, float64 [n]
         self.sampler = CurriculumSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
@@ -260,8 +260,12 @@ class SelfPacedCurriculum(_Curriculum):
         losses = []
         try:
             with torch.random.fork_rng(devices=[]):  # scoring must not move the training RNG streams
-                for batch in DataLoader(self.dataset, batch_size=self.score_batch_size, shuffle=False):
-                    losses.append(torch.as_tensor(self.sample_losses(trainer, batch)).reshape(-1).double().cpu())
+                if self.sample_losses is None:  # the Trainer's loss, one sample per batch
+                    for batch in DataLoader(self.dataset, batch_size=1, shuffle=False):
+                        losses.append(trainer.batch_loss(batch).detach().double().reshape(1).cpu())
+                else:
+                    for batch in DataLoader(self.dataset, batch_size=self.score_batch_size, shuffle=False):
+                        losses.append(torch.as_tensor(self.sample_losses(trainer, batch)).reshape(-1).double().cpu())
         finally:
             model.train(was_training)
         return torch.cat(losses)
@@ -280,10 +284,3 @@ class SelfPacedCurriculum(_Curriculum):
 
     def load_state_dict(self, state: dict) -> None:
         self.lam, self.rounds, self.weights = state["lam"], state["rounds"], state["weights"]
-
-
-def _window_losses(trainer: Trainer, batch: torch.Tensor) -> torch.Tensor:
-    """The Trainer's loss of each window of ``batch`` [B, seq_len + n_pred] on its own: [B]."""
-    batch = batch.to(trainer.device)
-    with trainer._autocast():
-        return torch.stack([trainer.compute_loss(batch[i: i + 1])[0].float() for i in range(batch.shape[0])])

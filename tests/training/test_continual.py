@@ -300,3 +300,32 @@ def test_trainer_task_boundary_consolidates_and_resumes_exactly(tmp_path, one_th
         assert torch.equal(resumed.callbacks[0].fisher[n], f)
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_trainer_task_boundary_with_any_model_and_loss_fn(tmp_path, one_thread):
+    """A classifier taking (x, y) batches with loss_fn: EWC's Fisher at the boundary is the per-sample oracle on the
+    batches it read, and both penalties reach the loss on the next task."""
+    model = mlp(0)
+    x_a, y_a = TASK_A
+    loader_a = DataLoader(TensorDataset(x_a[:64], y_a[:64]), batch_size=8)
+    ewc, lwf = EWC(model, ewc_lambda=10.0, max_batches=2), LwF(model, alpha=1.0)
+    args = TrainingArguments(output_dir=str(tmp_path), log_interval=1, eval_interval=100, save_interval=100,
+                             progress_bar=False, tensorboard=False, device="cpu")
+    trainer = Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_loader=loader_a,
+                      args=args, callbacks=[ewc, lwf], loss_fn=F.cross_entropy, lr_scheduler=None)
+    trainer.train(max_steps=4)
+    trainer.start_task(DataLoader(TensorDataset(*TASK_B), batch_size=8))
+    expected = per_sample_fisher(model, x_a[:16], y_a[:16])  # the first two batches of task A's loader
+    for n, f in expected.items():
+        torch.testing.assert_close(ewc.fisher[n], f, rtol=1e-5, atol=1e-9)
+    result = trainer.train(max_steps=6)
+    assert result.metrics["extra_loss"] > 0
+    # LwF's term on a (x, y) batch: T^2 KL(softmax(old / T) || softmax(new / T)) from the task-A snapshot
+    xb, yb = TASK_B[0][:8], TASK_B[1][:8]
+    with torch.no_grad():
+        new, old = model(xb), lwf.old_model(xb)
+        got = lwf.extra_loss(trainer, (xb, yb), new)
+    p_old = torch.softmax(old.double() / 2.0, -1)
+    kl = (p_old * (p_old.log() - torch.log_softmax(new.double() / 2.0, -1))).sum(-1).mean()
+    assert got.item() > 1e-4
+    torch.testing.assert_close(got.double(), 4.0 * kl, rtol=1e-5, atol=1e-8)
