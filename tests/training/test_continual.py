@@ -4,6 +4,7 @@ reservoir sampling's uniformity, progressive networks' frozen columns, and task 
 import copy
 import dataclasses
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,3 +330,25 @@ def test_trainer_task_boundary_with_any_model_and_loss_fn(tmp_path, one_thread):
     kl = (p_old * (p_old.log() - torch.log_softmax(new.double() / 2.0, -1))).sum(-1).mean()
     assert got.item() > 1e-4
     torch.testing.assert_close(got.double(), 4.0 * kl, rtol=1e-5, atol=1e-8)
+
+
+def readme_block(heading):
+    """The first python block after ``heading`` in README.md."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    after = text[text.index(heading):]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start: after.index("```", start)]
+
+
+def test_readme_continual_curriculum_meta_example_runs(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)  # the Trainer's default output folder
+    model, (x_a, y_a) = mlp(0), TASK_A
+    names = dict(model=model, loss_fn=ce, loader_a=DataLoader(TensorDataset(x_a[:32], y_a[:32]), batch_size=8),
+                 x_b=TASK_B[0][:8], y_b=TASK_B[1][:8], lm=TinyLM(), dataset=token_task(0, n=40),
+                 lengths=torch.arange(40) * 8, net=torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(),
+                                                                      torch.nn.Linear(8, 1)),
+                 tasks=[(torch.randn(5, 1), torch.randn(5, 1), torch.randn(5, 1), torch.randn(5, 1))] * 2)
+    exec(readme_block("**Continual, curriculum and meta-learning**"), names)
+    assert names["loss"].item() > 0 and names["x"].shape[0] == 8  # the buffer was empty: nothing appended yet
+    assert len(names["ewc"].tasks) == 1 and names["curriculum"].num_stages == 4
+    assert all(p.grad is not None for p in names["net"].parameters())
