@@ -43,8 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nexus.training.trainer import NonFiniteLossError, TrainerCallback
+
 __all__ = [
-    "DPO", "DPO_LOSS_TYPES", "PPO", "RLHF_METHODS", "RLHFConfig", "RewardModel", "RewardModeling", "Rollout",
+    "DPO", "DPO_LOSS_TYPES", "PPO", "RLHF_METHODS", "RLHFConfig", "RLHFTraining", "RewardModel", "RewardModeling",
+    "Rollout",
     "compute_gae", "dpo_loss", "generate", "masked_mean", "policy_logits", "ppo_policy_loss", "ppo_value_loss",
     "reward_model_loss", "sequence_logprobs", "supports_kv_cache", "token_logprobs", "whiten",
 ]
@@ -859,6 +862,119 @@ class RewardModeling(_Algorithm):
             margin = scores[:b] - scores[b:]
             metrics = {"loss": loss.detach(), "accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
         return loss, metrics
+
+
+# ---- on the Trainer ---------------------------------------------------------------------------------
+
+
+class RLHFTraining(TrainerCallback):
+    """What ``trainer.with_rlhf(config)`` installs: the method's step in place of the next-token step,
+    on the Trainer's loop, optimizer, schedule, clipping, autocast, logging and checkpoints.
+
+    Batches from ``train_loader``: prompts [B, P] int64 for PPO (one rollout and its updates per
+    Trainer step), preference mappings for DPO and "reward" (see :class:`DPO`). ``val_loader``, when
+    given, holds the same kind of batch: DPO / "reward" report ``val_loss`` and ``val_accuracy``
+    on it, PPO the greedy responses' ``val_score`` and ``val_kl`` (``val_loss`` = -val_score, so
+    the best checkpoint is the best-scored one). It is a callback, so its state goes into the
+    Trainer's checkpoints: the reference weights (a resume must not take the resumed policy as its
+    reference), and PPO's critic, critic optimizer and sampling generator.
+
+    One process only for now (no data, tensor or pipeline parallelism), and no fp16 loss scaling.
+    """
+
+    def __init__(self, trainer: Any, config: RLHFConfig, *, reward: RewardFn | None = None,
+                 reference: nn.Module | None = None, critic: RewardModel | None = None) -> None:
+        if not isinstance(config, RLHFConfig):
+            raise TypeError(f"with_rlhf takes an RLHFConfig, got {type(config).__name__}")
+        if trainer.parallel.world_size > 1 or trainer.pipeline is not None or trainer.sharded:
+            raise NotImplementedError("with_rlhf runs on one process for now (no data, tensor or pipeline parallelism)")
+        if trainer.scaler:
+            raise ValueError(f"with_rlhf does not support fp16 loss scaling: precision {trainer.args.precision!r}; "
+                             "use fp32 or bf16")
+        self.config = config
+        kwargs = dict(optimizer=trainer.optimizer, max_grad_norm=trainer.args.max_grad_norm,
+                      autocast=trainer._autocast)
+        model = trainer.model
+        if config.method == "ppo":
+            self.algorithm: _Algorithm = PPO(model, config, reward=reward, reference=reference, critic=critic, **kwargs)
+        elif config.method == "dpo":
+            self.algorithm = DPO(model, config, reference=reference, **kwargs)
+        else:
+            self.algorithm = RewardModeling(model, config, **kwargs)
+
+    def train_step(self, trainer: Any) -> dict:
+        """One Trainer step: the method's step, the schedule, the step and token counts; the metrics the
+        loop expects (``loss``, ``lm_loss`` (here the method's loss), ``grad_norm``, ``lr``, ``tokens``)."""
+        batch = trainer._next_batch()
+        if isinstance(batch, torch.Tensor):
+            batch = batch.to(trainer.device, non_blocking=True)
+            tokens = batch.shape[0] * (batch.shape[1] + self.config.max_new_tokens)
+        else:
+            tokens = sum(int(torch.as_tensor(batch[k]).numel()) for k in ("chosen_ids", "rejected_ids") if k in batch)
+        metrics = self.algorithm.step(batch)
+        loss = float(metrics["loss"])  # the step's one host read, for the NaN stop
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"{self.config.method} loss is {loss} at step {trainer.step + 1}")
+        if trainer.lr_scheduler is not None:
+            trainer.lr_scheduler.step()
+        trainer.step += 1
+        trainer.tokens_seen += tokens
+        return {**metrics, "loss": loss, "lm_loss": loss, "grad_norm": metrics["grad_norm"],
+                "lr": trainer.optimizer.param_groups[0]["lr"], "tokens": tokens}
+
+    @torch.no_grad()
+    def evaluate(self, trainer: Any) -> dict:
+        """Validation metrics over up to ``eval_batches`` batches of ``val_loader`` (see the class docstring)."""
+        limit = getattr(trainer.args, "eval_batches", None)
+        sums: dict[str, float] = {}
+        count = 0
+        algo = self.algorithm
+        was_training = algo.policy.training
+        algo.policy.eval()
+        devices = [trainer.device] if trainer.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):  # evaluating must not move the training RNG streams
+                for i, batch in enumerate(trainer.val_loader):
+                    if limit is not None and i >= limit:
+                        break
+                    if isinstance(algo, PPO):
+                        m = self._evaluate_ppo(batch.to(trainer.device))
+                    else:
+                        _, m = algo.loss(batch)
+                        m = {"val_loss": m["loss"], "val_accuracy": m["accuracy"]}
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    count += 1
+        finally:
+            algo.policy.train(was_training)
+        if count == 0:
+            raise ValueError("the validation loader yielded no batches")
+        return {k: v / count for k, v in sums.items()}
+
+    def _evaluate_ppo(self, prompts: torch.Tensor) -> dict:
+        algo, c = self.algorithm, self.config
+        seq, mask = generate(algo.policy, prompts, c.max_new_tokens, temperature=0.0, eos_token_id=c.eos_token_id,
+                             pad_token_id=c.pad_token_id, use_cache=c.use_cache)
+        p = prompts.shape[1]
+        with algo.autocast():
+            logprobs, _ = algo._response(algo.policy, seq, p)
+            ref_logprobs, _ = algo._response(algo.reference, seq, p)
+            attention = torch.cat([torch.ones_like(prompts, dtype=mask.dtype), mask], dim=1)
+            score = torch.as_tensor(algo.reward(seq, attention)).float().mean()
+        kl = ((logprobs - ref_logprobs) * mask).sum(1).mean()
+        return {"val_loss": -score, "val_score": score, "val_kl": kl}
+
+    def state_dict(self) -> dict:
+        reference = getattr(self.algorithm, "reference", None)
+        return {"method": self.config.method, "algorithm": self.algorithm.state_dict(),
+                "reference": reference.state_dict() if reference is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.config.method:
+            raise ValueError(f"the checkpoint holds an RLHF {state['method']!r} run, this run is {self.config.method!r}")
+        self.algorithm.load_state_dict(state["algorithm"])
+        if state["reference"] is not None:
+            self.algorithm.reference.load_state_dict(state["reference"])
 
 
 # ---- input checks ---------------------------------------------------------------------------------

@@ -602,6 +602,7 @@ class Trainer:
         self._build_loaders()
         self.config = config
         self.callbacks = list(callbacks or [])
+        self.rlhf = None  # nexus.training.rlhf.RLHFTraining once with_rlhf is called: it runs each step
         self.output_dir = Path(self.args.output_dir)
         self.checkpoint_dir = Path(self.args.checkpoint_dir or self.args.output_dir)
         self.step = 0
@@ -725,10 +726,19 @@ class Trainer:
                               MASTER_PORT=str(port))
         return self._apply_parallel(_ddp_config(), "with_mpi")
 
-    def with_rlhf(self, config: Any = None) -> Trainer:
-        """RLHF (reward model, PPO with a KL penalty): not built here; issue 13 (advanced training methods)."""
-        raise NotImplementedError("Trainer.with_rlhf: RLHF is issue 13 (advanced training methods: reward model, "
-                                  "PPO with KL, DPO), built in nexus.training.rlhf; not wired into the Trainer yet")
+    def with_rlhf(self, config: Any, *, reward: Any = None, reference: Any = None, critic: Any = None) -> Trainer:
+        """Train with an RLHF method (``nexus.training.rlhf.RLHFConfig``: ``method`` "ppo", "dpo" or "reward")
+        instead of the next-token loss, on this loop, optimizer, schedule, logging and checkpoints
+        (:class:`nexus.training.rlhf.RLHFTraining` says which batches each method takes and what is saved).
+        PPO's reward is ``config.reward_model_path`` or ``reward``, a callable (sequences, mask) -> [B] scores.
+        Example: ``trainer.with_rlhf(RLHFConfig(reward_model_path="rm.pt", kl_coef=0.1, gamma=0.99, lam=0.95))``"""
+        from nexus.training.rlhf import RLHFTraining
+
+        if self.rlhf is not None:
+            raise RuntimeError("with_rlhf was already called on this trainer")
+        self.rlhf = RLHFTraining(self, config, reward=reward, reference=reference, critic=critic)
+        self.callbacks.append(self.rlhf)  # a callback with a state_dict: its state goes into the checkpoints
+        return self
 
     def _check_launch(self) -> None:
         """``args.world_size`` / ``args.local_rank``, when set, must match what the launcher started."""
@@ -886,6 +896,8 @@ class Trainer:
         """One optimizer step. Values stay on the device; one host read per step, for the NaN stop
         (two on Sophia's Hessian steps). Returns floats for loss, lm_loss, grad_norm, lr and
         tokens, and device tensors for the other parts (read when logged)."""
+        if self.rlhf is not None:
+            return self.rlhf.train_step(self)
         self.model.train()
         accum = self.args.gradient_accumulation_steps
         sums: dict[str, Any] = {}
@@ -1097,6 +1109,8 @@ class Trainer:
         metric of ``compute_metrics``, computed on the predictions of every data-parallel rank."""
         if self.val_loader is None:
             return {}
+        if self.rlhf is not None:
+            return self.rlhf.evaluate(self)
         was_training = self.model.training
         self.model.eval()
         swap = getattr(self.optimizer, "eval", None)  # schedule-free optimizers evaluate at their x iterate

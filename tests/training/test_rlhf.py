@@ -228,9 +228,8 @@ def test_cached_sampling_equals_sampling_without_cache():
 
 def test_generation_stops_at_eos_and_pads():
     policy = tiny_moe(seed=2)
-    with torch.no_grad():  # make token 3 (the EOS) near certain after position 2 of the response
+    with torch.no_grad():  # uniform next-token logits: the EOS (3) comes with probability 1/8 per step
         policy.lm_head.weight.zero_()
-        policy.lm_head.weight[3] = 0
     prompts = torch.randint(0, V, (6, P), generator=torch.Generator().manual_seed(6))
     seq, mask = rlhf.generate(policy, prompts, N, eos_token_id=3, pad_token_id=0,
                               generator=torch.Generator().manual_seed(7))
@@ -339,6 +338,35 @@ def test_reward_model_reads_the_last_masked_token_and_takes_any_backbone():
     torch.testing.assert_close(rm(ids, mask), torch.stack([scores[0, 4], scores[1, 1], scores[2, 3]]))
 
 
+class GRULM(torch.nn.Module):
+    """Not an MoE model: a GRU language model that returns a plain logits tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, 16)
+        self.gru = torch.nn.GRU(16, 16, batch_first=True)
+        self.out = torch.nn.Linear(16, V)
+
+    def forward(self, ids):
+        return self.out(self.gru(self.embed(ids))[0])
+
+
+def test_any_module_returning_logits_is_a_policy(one_thread):
+    torch.manual_seed(0)
+    policy = GRULM()
+    assert not rlhf.supports_kv_cache(policy)
+    ppo = PPO(policy, RLHFConfig(max_new_tokens=4, ppo_epochs=1), reward=count_reward,
+              optimizer=torch.optim.Adam(policy.parameters(), lr=1e-2))
+    assert ppo.critic.hidden_size == V  # a generic policy's critic reads its logits as features
+    before = [p.detach().clone() for p in policy.parameters()]
+    metrics = ppo.step(torch.randint(0, V, (8, P)))
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    dpo = DPO(policy, RLHFConfig(method="dpo"), optimizer=torch.optim.Adam(policy.parameters(), lr=1e-2))
+    m = [dpo.step(preference_pairs(16, seed=16)) for _ in range(3)]
+    assert float(m[-1]["margin"]) > float(m[0]["margin"])
+
+
 # ---- memory stays flat over steps (trl #1087) ----------------------------------------------------------
 
 
@@ -371,3 +399,89 @@ def test_dpo_memory_stays_flat_over_50_steps(one_thread):
     count, _, graphs = _live_tensors()
     assert graphs >= 3 and count > count50
     del leaky, loss
+
+
+# ---- on the Trainer: trainer.with_rlhf(RLHFConfig(...)) ----------------------------------------------
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self):
+        return self.pairs["chosen_ids"].shape[0]
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.pairs.items()}
+
+
+def _trainer(tmp_path, name, model, train_loader, val_loader=None, **kw):
+    from nexus.training.trainer import Trainer
+
+    settings = dict(output_dir=str(tmp_path / name), max_steps=8, logging_steps=2, eval_steps=4, save_steps=4,
+                    progress_bar=False, device="cpu", report_to="none", system_metrics=False, max_grad_norm=1.0)
+    return Trainer(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3), train_loader=train_loader,
+                   val_loader=val_loader, **{**settings, **kw})
+
+
+def _records(path):
+    import json
+
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_with_rlhf_dpo_trains_logs_and_evaluates_on_the_trainer(one_thread, tmp_path):
+    from torch.utils.data import DataLoader
+
+    train = DataLoader(_Pairs(preference_pairs(64, seed=13)), batch_size=16)
+    val = DataLoader(_Pairs(preference_pairs(32, seed=14)), batch_size=16)
+    trainer = _trainer(tmp_path, "dpo", tiny_moe(seed=7), train, val)
+    assert trainer.with_rlhf(RLHFConfig(method="dpo", beta=0.5)) is trainer
+    result = trainer.train()
+    assert result.step == 8 and result.stop_reason == "max_steps"
+    records = _records(tmp_path / "dpo")
+    evals = [r for r in records if "val_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert evals[0]["val_accuracy"] == 0.0  # policy == reference: every margin is exactly 0
+    assert evals[-1]["val_accuracy"] > 0.8 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.1
+    logged = [r for r in records if "margin" in r]
+    assert logged and all(k in logged[-1] for k in ("loss", "reward_chosen", "reward_rejected", "accuracy", "lr"))
+    assert (tmp_path / "dpo" / "checkpoint_step_8.pt").is_file()
+
+
+def test_with_rlhf_ppo_resumes_bit_identically(one_thread, tmp_path):
+    """PPO through the Trainer: the metrics are logged, and a run resumed at step 3 from a fresh
+    process-like start (a differently initialised model, so the reference must come from the
+    checkpoint) ends with the same policy and critic as the uninterrupted run."""
+    from torch.utils.data import DataLoader
+
+    prompts = torch.randint(0, V, (48, P), generator=torch.Generator().manual_seed(15))
+    config = RLHFConfig(max_new_tokens=6, kl_coef=0.2, ppo_epochs=2, num_mini_batches=2, value_lr=3e-3, seed=3)
+    loader = lambda: DataLoader(prompts, batch_size=16)  # noqa: E731
+
+    full = _trainer(tmp_path, "ppo", tiny_moe(seed=8), loader(), max_steps=6, save_steps=3, lr_schedule="constant")
+    full.with_rlhf(config, reward=count_reward).train()
+    records = _records(tmp_path / "ppo")
+    assert all(k in records[-1] for k in ("score", "kl", "policy_loss", "value_loss", "clip_fraction"))
+
+    resumed = _trainer(tmp_path, "ppo2", tiny_moe(seed=9), loader(), max_steps=6, save_steps=3,
+                       lr_schedule="constant")
+    resumed.with_rlhf(config, reward=count_reward).train(resume_from=tmp_path / "ppo" / "checkpoint_step_3.pt")
+    assert resumed.step == 6
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    full_rlhf, resumed_rlhf = full.rlhf.algorithm, resumed.rlhf.algorithm
+    for a, b in zip(full_rlhf.critic.state_dict().values(), resumed_rlhf.critic.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full_rlhf.reference.state_dict().values(), resumed_rlhf.reference.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_with_rlhf_refuses_what_it_cannot_do(tmp_path):
+    trainer = _trainer(tmp_path, "bad", tiny_moe(), [torch.zeros(2, P, dtype=torch.long)])
+    with pytest.raises(TypeError, match="RLHFConfig"):
+        trainer.with_rlhf({"method": "ppo"})
+    with pytest.raises(ValueError, match="reward"):
+        trainer.with_rlhf(RLHFConfig(method="ppo"))
+    with pytest.raises(TypeError, match="RewardModel"):
+        trainer.with_rlhf(RLHFConfig(method="reward"))
