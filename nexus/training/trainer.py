@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
+import itertools
 import json
 import math
 import signal
@@ -1122,9 +1123,8 @@ class Trainer:
         try:
             # Evaluating must not move the training RNG streams (the val loader draws a seed), or resuming would diverge.
             with torch.random.fork_rng(devices=devices):
-                for i, window in enumerate(self.val_loader):
-                    if self.args.eval_batches is not None and i >= self.args.eval_batches:
-                        break
+                # islice: no batch past eval_batches is even loaded
+                for window in itertools.islice(self.val_loader, self.args.eval_batches):
                     window = self._to_device(window)
                     if not self.token_windows:
                         with self._autocast():
