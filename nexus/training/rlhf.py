@@ -906,6 +906,8 @@ class RLHFTraining(TrainerCallback):
         """One Trainer step: the method's step, the schedule, the step and token counts; the metrics the
         loop expects (``loss``, ``lm_loss`` (here the method's loss), ``grad_norm``, ``lr``, ``tokens``)."""
         batch = trainer._next_batch()
+        if isinstance(batch, (list, tuple)) and len(batch) == 1:  # a TensorDataset of prompts yields (prompts,)
+            batch = batch[0]
         if isinstance(batch, torch.Tensor):
             batch = batch.to(trainer.device, non_blocking=True)
             tokens = batch.shape[0] * (batch.shape[1] + self.config.max_new_tokens)
@@ -937,6 +939,8 @@ class RLHFTraining(TrainerCallback):
                 for i, batch in enumerate(trainer.val_loader):
                     if limit is not None and i >= limit:
                         break
+                    if isinstance(batch, (list, tuple)) and len(batch) == 1:
+                        batch = batch[0]
                     if isinstance(algo, PPO):
                         m = self._evaluate_ppo(batch.to(trainer.device))
                     else:

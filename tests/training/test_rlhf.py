@@ -157,7 +157,7 @@ def test_ppo_losses_match_elementwise_formulas():
             pg.append(max(unclipped, clipped))
             kept.append((i, j, unclipped >= clipped, ratio, a))
     loss = rlhf.ppo_policy_loss(logprobs, old, adv, clip_eps=eps, mask=mask)
-    assert float(loss) == pytest.approx(sum(pg) / len(pg), rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(sum(pg) / len(pg), rel=1e-12)
     assert any(not k[2] for k in kept) or any(abs(k[3] - 1) > eps for k in kept)  # the clip is exercised
     loss.backward()
     for i, j, unclipped_wins, ratio, a in kept:  # gradient flows only where the unclipped term is the max
@@ -477,6 +477,24 @@ def test_with_rlhf_ppo_resumes_bit_identically(one_thread, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_seed_example_reward_model_path_and_positional_trainer(one_thread, tmp_path):
+    """Seed 003's example: RLHFConfig(reward_model_path=..., kl_coef, gamma, lam) and
+    Trainer(model, data, optimizer, args).with_rlhf(config), the data a dataset of prompts."""
+    from nexus.training.trainer import Trainer, TrainingArguments
+
+    RewardModel(tiny_moe(seed=10)).save(tmp_path / "rm.pt")
+    rlhf_config = RLHFConfig(reward_model_path=str(tmp_path / "rm.pt"), kl_coef=0.1, gamma=0.99, lam=0.95,
+                             max_new_tokens=4, ppo_epochs=1)
+    model = tiny_moe(seed=11)
+    data = torch.utils.data.TensorDataset(torch.randint(0, V, (32, P), generator=torch.Generator().manual_seed(17)))
+    args = TrainingArguments(output_dir=str(tmp_path / "seed"), max_steps=2, train_batch_size=8, logging_steps=1,
+                             progress_bar=False, device="cpu", report_to="none", system_metrics=False)
+    trainer = Trainer(model, data, torch.optim.AdamW(model.parameters(), lr=1e-4), args).with_rlhf(rlhf_config)
+    result = trainer.train()
+    assert result.step == 2 and math.isfinite(result.metrics["score"]) and math.isfinite(result.metrics["kl"])
+    assert trainer.tokens_seen == 2 * 8 * (P + 4)
+
+
 def test_with_rlhf_refuses_what_it_cannot_do(tmp_path):
     trainer = _trainer(tmp_path, "bad", tiny_moe(), [torch.zeros(2, P, dtype=torch.long)])
     with pytest.raises(TypeError, match="RLHFConfig"):
@@ -485,3 +503,6 @@ def test_with_rlhf_refuses_what_it_cannot_do(tmp_path):
         trainer.with_rlhf(RLHFConfig(method="ppo"))
     with pytest.raises(TypeError, match="RewardModel"):
         trainer.with_rlhf(RLHFConfig(method="reward"))
+    trainer.with_rlhf(RLHFConfig(method="dpo"))
+    with pytest.raises(RuntimeError, match="already"):
+        trainer.with_rlhf(RLHFConfig(method="dpo"))
