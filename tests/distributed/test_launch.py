@@ -82,6 +82,31 @@ def test_torchrun_two_ranks_reach_the_single_process_validation_loss(small_run, 
     assert ckpt.saved_step(last) == STEPS
 
 
+def test_torchrun_context_parallel_splits_each_sequence_and_reaches_the_single_process_validation_loss(small_run):
+    """`distributed: {cp: 2}`: every window's sequence split over the two ranks (ring attention, FSDP2 over
+    cp), against one process on whole windows. The model leaves out routing Mamba and mixture of depths
+    (they need whole sequences) and the load-balance loss (it depends on how tokens are split), so only
+    the order of floating-point sums differs: a far tighter bound than the data-parallel runs'."""
+    def run_file(name, distributed):
+        path = _run_file(small_run, name, distributed)
+        path.write_text(path.read_text().replace(
+            "n_pred_tokens: 2}", "n_pred_tokens: 2, use_mamba: false, use_mod: false, balance_loss_weight: 0.0}"))
+        return path
+
+    single = run_file("launch_cp_single", None)
+    out = subprocess.run([sys.executable, "-m", "nexus", "train", "--config", str(single)], env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    split = run_file("launch_cp", "{cp: 2}")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "nexus", "train", "--config", str(split)]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    losses, want = _val_losses(split, "launch_cp"), _val_losses(single, "launch_cp_single")
+    assert len(losses) == len(want) and max(abs(a - b) for a, b in zip(losses, want)) < 1e-4, (losses, want)
+    assert ckpt.saved_step(ckpt.latest_checkpoint(split.parent / "launch_cp")) == STEPS
+
+
 def test_mpirun_two_ranks_reach_the_single_process_validation_loss(small_run, single):
     name = "launch_mpirun"
     path = _run_file(small_run, name, "{strategy: fsdp2}")
