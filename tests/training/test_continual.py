@@ -177,7 +177,7 @@ def test_ewc_replay_and_lwf_forget_less_than_fine_tuning(one_thread):
     for method, bound_b in (("ewc", 0.3), ("online_ewc", 0.3), ("replay", 0.3), ("lwf", 0.69)):
         forgot, loss_b = forgetting(method)
         # measured forgetting: ewc 0.58, online ewc 0.58, replay 0.47, lwf 0.13 (of fine-tuning's 1.78)
-        assert forgot < 0.4 * base_forgot, (method, forgot, base_forgot)
+        assert forgot < 0.5 * base_forgot, (method, forgot, base_forgot)
         assert loss_b < bound_b, (method, loss_b)  # and task B is still learned (ln 2 = chance)
 
 

@@ -156,8 +156,8 @@ def test_maml_sine_init_adapts_far_better_than_random(one_thread):
         opt.zero_grad()
         maml.meta_loss(sine_tasks(10, 10, g)).backward()
         opt.step()
-    trained, random = few_shot_mse(model, 3, 0.03), few_shot_mse(mlp(1), 3, 0.03)
-    assert trained * 5 < random, (trained, random)  # measured: 0.31 vs 4.8
+    trained, random = few_shot_mse(model, 5, 0.03), few_shot_mse(mlp(1), 5, 0.03)
+    assert trained * 5 < random, (trained, random)  # measured: 0.375 vs 4.6 (12x)
 
 
 def test_reptile_sine_init_adapts_better_than_random(one_thread):
@@ -167,7 +167,7 @@ def test_reptile_sine_init_adapts_better_than_random(one_thread):
     for _ in range(200):
         reptile.meta_step(sine_tasks(10, 10, g))
     trained, random = few_shot_mse(model, 5, 0.05), few_shot_mse(mlp(1), 5, 0.05)
-    assert trained * 3 < random, (trained, random)  # measured: 0.87 vs 4.8
+    assert trained * 2.5 < random, (trained, random)  # measured: 1.24 vs 4.62 (3.7x)
 
 
 def test_bad_arguments_are_named():
