@@ -495,6 +495,23 @@ def test_seed_example_reward_model_path_and_positional_trainer(one_thread, tmp_p
     assert trainer.tokens_seen == 2 * 8 * (P + 4)
 
 
+def test_with_rlhf_trains_a_reward_model_from_a_dataset_of_pairs(one_thread, tmp_path):
+    """The README's first line: Trainer(reward_model, pairs, optimizer, args).with_rlhf(method="reward")."""
+    from nexus.training.trainer import Trainer, TrainingArguments
+
+    reward_model = RewardModel(tiny_moe(seed=12))
+    pairs, held_out = _Pairs(preference_pairs(96, seed=18)), _Pairs(preference_pairs(32, seed=19))
+    args = TrainingArguments(output_dir=str(tmp_path / "rm"), max_steps=9, train_batch_size=32, eval_steps=9,
+                             logging_steps=3, progress_bar=False, device="cpu", report_to="none",
+                             system_metrics=False, lr_schedule="constant")
+    trainer = Trainer(reward_model, pairs, torch.optim.Adam(reward_model.parameters(), lr=3e-3), args,
+                      val_loader=torch.utils.data.DataLoader(held_out, batch_size=32))
+    trainer.with_rlhf(RLHFConfig(method="reward")).train()
+    evals = [r for r in _records(tmp_path / "rm") if "val_accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 9
+    assert evals[-1]["val_accuracy"] > 0.85 and evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
 def test_with_rlhf_refuses_what_it_cannot_do(tmp_path):
     trainer = _trainer(tmp_path, "bad", tiny_moe(), [torch.zeros(2, P, dtype=torch.long)])
     with pytest.raises(TypeError, match="RLHFConfig"):
