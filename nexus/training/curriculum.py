@@ -44,6 +44,9 @@ class _Curriculum(TrainerCallback):
         """A DataLoader over ``dataset`` drawing through this curriculum's sampler."""
         if len(dataset) != self.sampler.n:
             raise ValueError(f"the dataset has {len(dataset)} samples, the curriculum was built for {self.sampler.n}")
+        if self.sampler.world_size > 1 and batch_size != self.sampler.batch_size:
+            raise ValueError(f"batch_size {batch_size} differs from the curriculum's per-rank batch_size "
+                             f"{self.sampler.batch_size} (each rank takes that many of every global batch)")
         return DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, **kwargs)
 
 
