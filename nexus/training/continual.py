@@ -259,7 +259,8 @@ class ReplayBuffer:
     Samples are rows of a batch: a tensor ``[B, ...]`` or a tuple of tensors sharing dim 0 (inputs, targets).
     ``mix(batch)`` returns the batch with ``replay_size`` stored samples appended (drawn before the batch
     itself is added), so old tasks keep being trained on. Seeded; ``state_dict`` holds samples and RNG. A Trainer
-    run over ``buffer.loader(...)`` resumes with an empty buffer unless you restore ``state_dict`` yourself.
+    resumed over ``buffer.loader(...)`` replays the task's batches and so refills the buffer with this task's
+    samples only: keep earlier tasks' samples by restoring ``state_dict`` yourself.
 
     Example::
         buffer = ReplayBuffer(capacity=1000)
