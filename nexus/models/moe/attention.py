@@ -2,6 +2,9 @@
 
 The attention core is a swappable callable (``GroupedQueryAttention.core``) with the signature of
 :func:`sdpa_core`, so a ring/context-parallel kernel can replace it without touching projections.
+:func:`nexus_core` is the other built-in core (``MoEConfig.attention_impl = "nexus"``): Nexus's
+blockwise FlashAttention-2 kernels through :class:`BlockAttentionFunction` (the Triton kernel on a
+GPU, the torch reference on CPU).
 
 Incremental decoding: given a :class:`LayerKVCache`, the layer appends the new keys/values to it and
 lets the new queries (the last positions) attend to every cached key up to their own position.
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nexus.models.moe.rotary import apply_rotary, rotary_cos_sin
+from nexus_kernels.attention import block_attention_backward, block_attention_forward
 
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -35,6 +39,62 @@ def sdpa_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+class BlockAttentionFunction(torch.autograd.Function):
+    """Autograd of ``nexus_kernels.attention``: forward keeps (out, lse), backward recomputes the scores
+    tile by tile from them (FlashAttention-2: no S x S matrix is saved or built on the kernel path).
+
+    ``apply(q, k, v, causal, softmax_scale)``: q [B, Hq, S, D], k, v [B, Hkv, S, D] (Hq % Hkv == 0),
+    one float dtype -> out [B, Hq, S, D] in that dtype; gradients come back in the inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                softmax_scale: float | None) -> torch.Tensor:
+        out, lse = block_attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, causal=ctx.causal,
+                                              softmax_scale=ctx.softmax_scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """Differentiable blockwise attention (grouped heads read in place, never repeated).
+
+    Shapes: q [B, H, T, D]; k, v [B, Hkv, T, D] with H % Hkv == 0 -> [B, H, T, D], q's dtype.
+
+    Example:
+        >>> q, kv = torch.randn(1, 4, 6, 8, requires_grad=True), torch.randn(1, 2, 6, 8)
+        >>> block_attention(q, kv, kv).sum().backward()
+    """
+    return BlockAttentionFunction.apply(q, k, v, causal, softmax_scale)
+
+
+def nexus_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """:func:`sdpa_core`'s contract (causal, grouped heads) on Nexus's blockwise attention kernels.
+
+    Shapes: q [B, H, T, D]; k, v [B, Hkv, T, D] with H % Hkv == 0 -> [B, H, T, D]. No attention
+    dropout (``dropout_p`` must be 0).
+
+    Example:
+        >>> q, kv = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+        >>> torch.testing.assert_close(nexus_core(q, kv, kv), sdpa_core(q, kv, kv))
+    """
+    if dropout_p:
+        raise ValueError(f"attention_impl='nexus' has no attention dropout (dropout_p={dropout_p}); "
+                         "set the model's dropout to 0 or use attention_impl='sdpa'")
+    return block_attention(q, k, v, causal=True)
+
+
+ATTENTION_CORES: dict[str, AttentionCore] = {"sdpa": sdpa_core, "nexus": nexus_core}
 
 
 class LayerKVCache:

@@ -55,6 +55,9 @@ class MoEConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     dropout: float = 0.0
+    # attention core: "sdpa" (torch's scaled_dot_product_attention) or "nexus" (nexus_kernels' blockwise
+    # FlashAttention-2 kernels: Triton on a GPU, torch reference on CPU; no attention dropout)
+    attention_impl: str = "sdpa"
     tie_embeddings: bool = False
     init_std: float = 0.02
     # mixture of experts feed-forward
@@ -112,6 +115,10 @@ class MoEConfig:
             raise ValueError(f"moe_capacity_factor must be a finite float > 0 or None, got {cf!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.attention_impl not in ("sdpa", "nexus"):
+            raise ValueError(f"attention_impl must be 'sdpa' or 'nexus', got {self.attention_impl!r}")
+        if self.attention_impl == "nexus" and self.dropout:
+            raise ValueError(f"attention_impl='nexus' has no attention dropout: dropout must be 0, got {self.dropout!r}")
         if not 0.0 < self.mod_capacity_factor <= 1.0:
             raise ValueError(f"mod_capacity_factor must be in (0, 1], got {self.mod_capacity_factor!r}")
         if self.d_model % self.n_heads:

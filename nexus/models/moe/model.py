@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nexus.models.moe.attention import GroupedQueryAttention, KVCache, LayerKVCache
+from nexus.models.moe.attention import ATTENTION_CORES, GroupedQueryAttention, KVCache, LayerKVCache
 from nexus.models.moe.config import LayerSpec, MoEConfig
 from nexus.models.moe.mamba import RoutingMamba
 from nexus.models.moe.mod import MixtureOfDepths
@@ -73,7 +73,8 @@ class TransformerBlock(nn.Module):
                                       c.mamba_head_dim, c.rom_n_experts, c.rom_top_k, c.mamba_chunk_size, c.norm_eps,
                                       capacity_factor=c.moe_capacity_factor)
         else:
-            self.mixer = GroupedQueryAttention(c.d_model, c.n_heads, c.n_kv_heads, c.rope_theta, c.dropout)
+            self.mixer = GroupedQueryAttention(c.d_model, c.n_heads, c.n_kv_heads, c.rope_theta, c.dropout,
+                                               core=ATTENTION_CORES[c.attention_impl])
         self.ffn_norm = RMSNorm(c.d_model, c.norm_eps)
         if spec.ffn == "moe":
             self.ffn = MoEFeedForward(c.d_model, c.d_ff, c.n_experts, c.moe_top_k, c.n_shared_experts,

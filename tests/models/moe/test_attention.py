@@ -1,5 +1,6 @@
 """Grouped-query attention, rotary embeddings, RMSNorm."""
 
+import pytest
 import torch
 
 from nexus.models.moe import GroupedQueryAttention, RMSNorm, sdpa_core
@@ -86,3 +87,71 @@ def test_attention_core_is_swappable():
     attn.core = recording_core
     torch.testing.assert_close(attn(x, torch.arange(5)), expected)
     assert calls == [((2, 4, 5, 4), (2, 2, 5, 4))]
+
+
+# ---- attention_impl: "nexus" (nexus_kernels' blockwise attention) against "sdpa" ---------------------
+
+_NEXUS_MODEL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=16, d_ff_dense=24,
+                    max_seq_len=32, n_experts=4, moe_top_k=2, moe_layer_interval=2, use_mod=True,
+                    mod_capacity_factor=0.5, mod_layer_interval=2, use_mamba=False, n_pred_tokens=2)
+
+
+def _loss_and_grads(model, ids):
+    import torch.nn.functional as F
+
+    out = model(ids)
+    loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    loss = loss + F.cross_entropy(out.mtp_logits[0][:, :-2].reshape(-1, 97), ids[:, 2:].reshape(-1)) + out.aux_loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("path", ["reference", "interpret"])
+def test_model_with_nexus_attention_equals_sdpa(path):
+    """Same weights, same batch: loss and every gradient of the MoE model (GQA, MoD, MoE, an MTP head)
+    with attention_impl='nexus' equal the SDPA model's; on CPU 'nexus' runs the torch reference, or the
+    Triton kernel in the interpreter."""
+    from nexus.models.moe import MoEConfig, MoETransformer, nexus_core
+    from nexus_kernels import forced
+
+    torch.manual_seed(0)
+    sdpa = MoETransformer(MoEConfig(**_NEXUS_MODEL))
+    nexus = MoETransformer(MoEConfig(**_NEXUS_MODEL, attention_impl="nexus"))
+    nexus.load_state_dict(sdpa.state_dict())
+    cores = [m.core for m in nexus.modules() if isinstance(m, GroupedQueryAttention)]
+    assert len(cores) == 3 and all(c is nexus_core for c in cores)  # 2 trunk layers + the MTP head's block
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1))
+    want_loss, want = _loss_and_grads(sdpa, ids)
+    with forced(path):
+        loss, grads = _loss_and_grads(nexus, ids)
+    torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(grads[name], want[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_block_attention_gradcheck_float64():
+    from nexus.models.moe import block_attention
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, 1, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 1, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: block_attention(*t, causal=True), (q, k, v))
+    assert torch.autograd.gradcheck(lambda *t: block_attention(*t, causal=False, softmax_scale=0.7), (q, k, v))
+
+
+def test_attention_impl_is_validated_and_read_from_the_run_file():
+    from nexus.config import config_from_dict
+    from nexus.models.moe import MoEConfig, nexus_core
+
+    with pytest.raises(ValueError, match="attention_impl must be 'sdpa' or 'nexus', got 'flash'"):
+        MoEConfig(**_NEXUS_MODEL, attention_impl="flash")
+    with pytest.raises(ValueError, match="attention_impl='nexus' has no attention dropout"):
+        MoEConfig(**_NEXUS_MODEL, attention_impl="nexus", dropout=0.1)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        nexus_core(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8), 0.1)
+    run = config_from_dict({"model": {**_NEXUS_MODEL, "vocab_size": 512, "attention_impl": "nexus"},
+                            "data": {"data_dir": "unused", "vocab_size": 512}, "training": {"seq_len": 16}})
+    assert run.model.attention_impl == "nexus"
+    assert MoEConfig(**_NEXUS_MODEL).attention_impl == "sdpa"
