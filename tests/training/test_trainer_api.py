@@ -470,9 +470,18 @@ def _dp_run(out_dir, builder=None, **kw):
                       loss_fn=F.cross_entropy)
     if builder is not None:
         trainer = builder(trainer)
+    all_reduces = []
+    if isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):  # count DDP's gradient all-reduces
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(state, bucket):
+            all_reduces.append(trainer.step)
+            return allreduce_hook(state, bucket)
+
+        trainer.model.register_comm_hook(None, counting_hook)
     result = trainer.train()
     return {"params": {n: p.detach().clone() for n, p in trainer.unwrapped_model.named_parameters()},
-            "loss": result.metrics["loss"], "dp_size": trainer.parallel.dp_size}
+            "loss": result.metrics["loss"], "dp_size": trainer.parallel.dp_size, "all_reduces": all_reduces}
 
 
 def _tmp(rank):
@@ -487,6 +496,10 @@ def check_with_data_parallel(rank, world_size):
 
 def check_with_data_parallel_sync_every_micro_batch(rank, world_size):
     return _dp_run(_tmp(rank), lambda t: t.with_data_parallel(), gradient_accumulation_steps=2, gradient_sync_steps=1)
+
+
+def check_with_data_parallel_accumulating(rank, world_size):
+    return _dp_run(_tmp(rank), lambda t: t.with_data_parallel(), gradient_accumulation_steps=2)
 
 
 def check_with_mpi(rank, world_size):
@@ -537,13 +550,15 @@ def check_with_model_parallel_tp2(rank, world_size):
 @pytest.fixture(scope="module")
 def two_ranks():
     return run_distributed_checks([check_with_data_parallel, check_with_data_parallel_sync_every_micro_batch,
-                                   check_with_mpi, check_with_model_parallel_tp2], world_size=2, timeout=300)
+                                   check_with_data_parallel_accumulating, check_with_mpi,
+                                   check_with_model_parallel_tp2], world_size=2, timeout=300)
 
 
 @spawns
 @pytest.mark.parametrize("check, kw", [("check_with_data_parallel", {}),
                                        ("check_with_data_parallel_sync_every_micro_batch",
                                         dict(gradient_accumulation_steps=2)),
+                                       ("check_with_data_parallel_accumulating", dict(gradient_accumulation_steps=2)),
                                        ("check_with_mpi", {})])
 def test_data_parallel_builders_on_two_ranks_equal_one_process(two_ranks, tmp_path, check, kw):
     reference = _dp_run(tmp_path, **kw)
@@ -552,6 +567,14 @@ def test_data_parallel_builders_on_two_ranks_equal_one_process(two_ranks, tmp_pa
         assert rank["loss"] == pytest.approx(reference["loss"], abs=1e-12)
         for name, tensor in reference["params"].items():
             torch.testing.assert_close(rank["params"][name], tensor, rtol=0, atol=1e-12)
+
+
+@spawns
+def test_gradient_sync_steps_sets_how_often_ddp_all_reduces(two_ranks):
+    # one bucket (a tiny model): 2 micro-batches per step, synchronised once per step or after each
+    assert two_ranks["check_with_data_parallel_accumulating"][0]["all_reduces"] == [0, 1, 2]
+    assert two_ranks["check_with_data_parallel_sync_every_micro_batch"][0]["all_reduces"] == [0, 0, 1, 1, 2, 2]
+    assert two_ranks["check_with_data_parallel"][0]["all_reduces"] == [0, 1, 2]
 
 
 @spawns
