@@ -228,19 +228,19 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[token]`` per position, in fp32, without materialising the log-softmax.
+    """``log softmax(logits)[token]`` per position, in fp32 at least, without materialising the log-softmax.
 
-    Shapes: logits [B, T, V]; tokens [B, T] int64 -> [B, T] fp32.
+    Shapes: logits [B, T, V]; tokens [B, T] int64 -> [B, T] fp32 (fp64 for fp64 logits).
     """
     b, t, v = logits.shape
-    return -F.cross_entropy(logits.reshape(b * t, v).float(), tokens.reshape(b * t), reduction="none").view(b, t)
+    return -F.cross_entropy(_wide(logits.reshape(b * t, v)), tokens.reshape(b * t), reduction="none").view(b, t)
 
 
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of the log-probs of the tokens ``mask`` selects, each predicted from the logits one position before.
 
     Shapes: logits [B, T, V] (the model's output on input_ids); input_ids [B, T]; mask [B, T] (1 on the
-    response tokens to score; mask[:, 0] is ignored: nothing predicts the first token) -> [B] fp32.
+    response tokens to score; mask[:, 0] is ignored: nothing predicts the first token) -> [B] fp32 (or fp64).
     """
     lp = token_logprobs(logits[:, :-1], input_ids[:, 1:])
     return (lp * mask[:, 1:].to(lp.dtype)).sum(-1)
@@ -583,14 +583,22 @@ class _Algorithm:
     def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """One optimizer step on ``self.loss(batch)`` (train mode); returns detached metrics and ``grad_norm``."""
+    def step(self, *batches: Any) -> dict[str, torch.Tensor]:
+        """One optimizer step on the mean of ``self.loss`` over the micro-batches given (gradient
+        accumulation: one backward each, so memory is that of one), in train mode; returns the
+        detached mean metrics and ``grad_norm``."""
+        if not batches:
+            raise ValueError("step needs at least one batch")
         was_training = self.policy.training
         self.policy.train()
         try:
             self.optimizer.zero_grad(set_to_none=True)
-            loss, metrics = self.loss(batch)
-            loss.backward()
+            metrics: dict[str, torch.Tensor] = {}
+            for batch in batches:
+                loss, parts = self.loss(batch)
+                (loss / len(batches)).backward()
+                for k, v in parts.items():
+                    metrics[k] = metrics.get(k, 0.0) + v / len(batches)
             metrics["grad_norm"] = self._clip(self.policy.parameters()).detach()
             self.optimizer.step()
         finally:  # no gradient outlives the step
@@ -891,6 +899,9 @@ class RLHFTraining(TrainerCallback):
         if trainer.scaler:
             raise ValueError(f"with_rlhf does not support fp16 loss scaling: precision {trainer.args.precision!r}; "
                              "use fp32 or bf16")
+        if config.method == "ppo" and trainer.args.gradient_accumulation_steps != 1:
+            raise ValueError(f"with_rlhf PPO takes gradient_accumulation_steps 1, got "
+                             f"{trainer.args.gradient_accumulation_steps}: num_mini_batches splits each rollout")
         self.config = config
         kwargs = dict(optimizer=trainer.optimizer, max_grad_norm=trainer.args.max_grad_norm,
                       autocast=trainer._autocast)
@@ -905,15 +916,20 @@ class RLHFTraining(TrainerCallback):
     def train_step(self, trainer: Any) -> dict:
         """One Trainer step: the method's step, the schedule, the step and token counts; the metrics the
         loop expects (``loss``, ``lm_loss`` (here the method's loss), ``grad_norm``, ``lr``, ``tokens``)."""
-        batch = trainer._next_batch()
-        if isinstance(batch, (list, tuple)) and len(batch) == 1:  # a TensorDataset of prompts yields (prompts,)
-            batch = batch[0]
-        if isinstance(batch, torch.Tensor):
-            batch = batch.to(trainer.device, non_blocking=True)
-            tokens = batch.shape[0] * (batch.shape[1] + self.config.max_new_tokens)
-        else:
-            tokens = sum(int(torch.as_tensor(batch[k]).numel()) for k in ("chosen_ids", "rejected_ids") if k in batch)
-        metrics = self.algorithm.step(batch)
+        if isinstance(self.algorithm, PPO):
+            prompts = trainer._next_batch()
+            if isinstance(prompts, (list, tuple)) and len(prompts) == 1:  # a TensorDataset of prompts yields (prompts,)
+                prompts = prompts[0]
+            if not isinstance(prompts, torch.Tensor):
+                raise TypeError(f"PPO's batches are prompts [B, P] int64, got {type(prompts).__name__}")
+            prompts = prompts.to(trainer.device, non_blocking=True)
+            tokens = prompts.shape[0] * (prompts.shape[1] + self.config.max_new_tokens)
+            metrics = self.algorithm.step(prompts)
+        else:  # the micro-batches of one optimizer step
+            batches = [trainer._next_batch() for _ in range(trainer.args.gradient_accumulation_steps)]
+            tokens = sum(int(torch.as_tensor(b[k]).numel()) for b in batches for k in ("chosen_ids", "rejected_ids")
+                         if isinstance(b, Mapping) and k in b)
+            metrics = self.algorithm.step(*batches)
         loss = float(metrics["loss"])  # the step's one host read, for the NaN stop
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"{self.config.method} loss is {loss} at step {trainer.step + 1}")

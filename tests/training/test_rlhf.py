@@ -179,7 +179,7 @@ def test_ppo_losses_match_elementwise_formulas():
     # without a mask: the mean over every token
     full = rlhf.ppo_policy_loss(logprobs, old, adv, clip_eps=eps)
     ratio = torch.exp(logprobs - old)
-    assert float(full) == pytest.approx(float(torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()))
+    assert float(full.detach()) == pytest.approx(float(torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()))
 
 
 def test_bad_inputs_name_the_problem():
@@ -367,12 +367,32 @@ def test_any_module_returning_logits_is_a_policy(one_thread):
     assert float(m[-1]["margin"]) > float(m[0]["margin"])
 
 
+def test_accumulated_dpo_step_equals_one_step_on_the_whole_batch():
+    """step(b1, b2) (two backward passes) takes the same optimizer step as step(b1 + b2)."""
+    pairs = preference_pairs(16, seed=20)
+    halves = batches(pairs, 8)
+    params = []
+    torch.manual_seed(0)
+    initial = [p.detach().double() for p in GRULM().parameters()]
+    for inputs in ([pairs], halves):
+        torch.manual_seed(0)
+        policy = GRULM().double()
+        dpo = DPO(policy, RLHFConfig(method="dpo"), optimizer=torch.optim.SGD(policy.parameters(), lr=1.0),
+                  max_grad_norm=None)
+        metrics = dpo.step(*inputs)
+        params.append([p.detach().clone() for p in policy.parameters()])
+        assert float(metrics["accuracy"]) == 0.0  # measured before the step: policy == reference
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    assert all((a - b).abs().max() > 1e-6 for a, b in zip(params[0], initial))  # every tensor moved
+
+
 # ---- memory stays flat over steps (trl #1087) ----------------------------------------------------------
 
 
 def _live_tensors():
     gc.collect()
-    tensors = [o for o in gc.get_objects() if torch.is_tensor(o)]
+    tensors = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
     return len(tensors), sum(t.numel() * t.element_size() for t in tensors), sum(t.grad_fn is not None for t in tensors)
 
 
@@ -520,6 +540,10 @@ def test_with_rlhf_refuses_what_it_cannot_do(tmp_path):
         trainer.with_rlhf(RLHFConfig(method="ppo"))
     with pytest.raises(TypeError, match="RewardModel"):
         trainer.with_rlhf(RLHFConfig(method="reward"))
+    accumulating = _trainer(tmp_path, "bad2", tiny_moe(), [torch.zeros(2, P, dtype=torch.long)],
+                            gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        accumulating.with_rlhf(RLHFConfig(), reward=count_reward)
     trainer.with_rlhf(RLHFConfig(method="dpo"))
     with pytest.raises(RuntimeError, match="already"):
         trainer.with_rlhf(RLHFConfig(method="dpo"))
