@@ -65,15 +65,16 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
+import types
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils import _pytree as pytree
 
 __all__ = ["ZeroPlusPlusConfig", "ZeroPlusPlusOptimizer"]
 
@@ -173,6 +174,31 @@ class _RegatherBeforeBackward(torch.autograd.Function):
     def backward(ctx, *grads):
         ctx.owner._gather_for_backward(ctx.block)
         return (None, None, *grads)
+
+
+def _map_grad_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` with every tensor that requires grad replaced by ``fn(tensor)``, in a fixed order
+    (tensors, tuples, lists, dicts, dataclasses, SimpleNamespace; other objects are left alone)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj) if obj.requires_grad else obj
+    if isinstance(obj, (tuple, list)):
+        items = [_map_grad_tensors(x, fn) for x in obj]
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*items)
+        return type(obj)(items)
+    if isinstance(obj, dict):
+        new = copy.copy(obj)
+        for key, value in obj.items():
+            new[key] = _map_grad_tensors(value, fn)
+        return new
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        new = copy.copy(obj)
+        for field in dataclasses.fields(obj):
+            object.__setattr__(new, field.name, _map_grad_tensors(getattr(obj, field.name), fn))
+        return new
+    if isinstance(obj, types.SimpleNamespace):
+        return types.SimpleNamespace(**{k: _map_grad_tensors(v, fn) for k, v in vars(obj).items()})
+    return obj
 
 
 def _class_path(cls: type) -> str:
@@ -485,16 +511,14 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
 
     def _after_forward(self, block: _Block, output: Any) -> Any:
         if torch.is_grad_enabled() and any(s.param.requires_grad for s in block.slots):
-            leaves, spec = pytree.tree_flatten(output)
-            where = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
-            if not where:
+            found: list[torch.Tensor] = []
+            _map_grad_tensors(output, found.append)
+            if not found:
                 raise ValueError(f"ZeroPlusPlusOptimizer(module=...): block {block.name} returned no tensor that "
-                                 "requires grad (or one inside a type torch's pytree cannot look into); its "
-                                 "parameters could not be re-gathered for backward")
-            wrapped = _RegatherBeforeBackward.apply(self, block, *(leaves[i] for i in where))
-            for i, t in zip(where, wrapped):
-                leaves[i] = t
-            output = pytree.tree_unflatten(leaves, spec)
+                                 "requires grad (looked into tensors, tuples, lists, dicts, dataclasses and "
+                                 "namespaces); its parameters could not be re-gathered for backward")
+            wrapped = iter(_RegatherBeforeBackward.apply(self, block, *found))
+            output = _map_grad_tensors(output, lambda t: next(wrapped))
         self._free(block)
         return output
 
