@@ -178,7 +178,7 @@ def test_ppo_losses_match_elementwise_formulas():
     assert float(got) == pytest.approx(sum(vl) / len(vl), rel=1e-12)
     # without a mask: the mean over every token
     full = rlhf.ppo_policy_loss(logprobs, old, adv, clip_eps=eps)
-    ratio = torch.exp(logprobs - old)
+    ratio = torch.exp(logprobs.detach() - old)
     assert float(full.detach()) == pytest.approx(float(torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()))
 
 
