@@ -134,7 +134,7 @@ class EWC(TrainerCallback):
         anchors = {n: p.detach().clone() for n, p in self._params().items()}
         if self.online and self.tasks:
             old = self.tasks[0][0]
-            fisher = {n: self.gamma * old[n] + f for n, f in fisher.items()}
+            fisher = {n: self.gamma * old[n] + f if n in old else f for n, f in fisher.items()}
             self.tasks = [(fisher, anchors)]
         elif self.online:
             self.tasks = [(fisher, anchors)]
@@ -150,7 +150,8 @@ class EWC(TrainerCallback):
         total = 0.0
         for fisher, anchors in self.tasks:
             for n, p in params.items():
-                total = total + (fisher[n] * (p - anchors[n]) ** 2).sum()
+                if n in fisher:  # parameters added after the task (a new head) carry none of its importance
+                    total = total + (fisher[n] * (p - anchors[n]) ** 2).sum()
         return 0.5 * self.ewc_lambda * total
 
     # ---- Trainer integration ----------------------------------------------------------------------
