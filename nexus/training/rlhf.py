@@ -627,7 +627,8 @@ class PPO(_Algorithm):
     frozen copy of the policy when None. ``critic``: a :class:`RewardModel` whose per-token scores
     are the values; None builds one on a copy of the policy (a copy of an MoE model's trunk, or a
     generic policy's logits as features). The policy, reference and critic run in eval mode (no
-    dropout), so the first update's ratio is exactly 1.
+    dropout), so the first update's ratio is exactly 1. Memory: the policy, the reference and the
+    critic are three models (plus the reward model), all on the policy's device.
 
     ``step(prompts [B, P] int64)``: one rollout, then ``ppo_epochs`` passes of ``num_mini_batches``
     optimizer steps; returns detached metrics (scores, KL, losses, clip fraction, ...).
