@@ -2,9 +2,13 @@
 Training") on torch.distributed, as an optimizer wrapped around an elementwise base optimizer.
 
 What each rank holds. Every param group is flattened into one padded buffer laid out as ``W`` rows
-(``W`` ranks): each parameter is padded to a multiple of ``W`` elements and cut into ``W`` equal
-slices, and row ``r`` is the concatenation of slice ``r`` of every parameter (the groups' columns side
-by side). Rank ``r`` owns row ``r``: the fp32 master copy of those entries and the base optimizer's
+(``W`` ranks): each parameter is padded with zeros and cut into ``W`` equal slices, and row ``r`` is the
+concatenation of slice ``r`` of every parameter (the groups' columns side by side). With quantization
+on, a slice is a whole number of quantization blocks (``ceil(numel / W)`` rounded up to
+``block_size``), so every block, and its one scale, belongs to one parameter: a LayerNorm weight near
+1 never sets the scale of a neighbouring matrix's 0.02-sized entries (the price: up to
+``block_size - 1`` padding entries per parameter and rank, sent as zeros; small parameters may sit
+on the first ranks only). Rank ``r`` owns row ``r``: the fp32 master copy of those entries and the base optimizer's
 state for them (the base optimizer runs on the row, one flat tensor per param group, so it must be
 elementwise: AdamW, Adam, SGD, Lion, ...).
 
@@ -307,10 +311,14 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
         self._slots: list[_Slot] = []
         offset = 0
         self._group_columns: list[tuple[int, int]] = []
+        # quantized: each parameter's slice fills whole blocks, so no block (one scale) mixes two parameters
+        quantized = self._world > 1 and (config.quantize_weights or config.quantize_gradients)
+        align = config.block_size if quantized else 1
         for gi, group in enumerate(groups):
             start = offset
             for p in group["params"]:
                 cols = -(-p.numel() // self._world)
+                cols = -(-cols // align) * align
                 self._slots.append(_Slot(p, len(self._slots), gi, p.numel(), cols, offset, p.shape))
                 offset += cols
             self._group_columns.append((start, offset))
