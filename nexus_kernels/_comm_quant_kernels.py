@@ -80,49 +80,26 @@ def _quantize_pack_kernel(x_ptr, out_ptr, n_blocks, N, NB, ROW_BYTES, seed_ptr, 
     row = blk // NB
     j = blk % NB
     PAYLOAD: tl.constexpr = BLOCK_SIZE * BITS // 8
+    i = tl.arange(0, BLOCK_SIZE)
+    col = j[:, None] * BLOCK_SIZE + i[None, :]
+    idx = row[:, None] * N + col
+    x = tl.load(x_ptr + idx, mask=blk_ok[:, None] & (col < N), other=0.0).to(tl.float32)
+    amax = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+    scale, s_bits, ok = _block_scale_tl(amax, QMAX)
     if STOCHASTIC:
-        key = _seed_key_tl(seed_ptr)
+        rand = _random_bits_tl(_seed_key_tl(seed_ptr), idx)
     else:
-        key = 0
+        rand = 0
+    # Padding columns (col >= N) hold x = 0, i.e. code 0: whole blocks are stored.
+    code = _quantize_tl(x, scale[:, None], ok[:, None], rand, QMAX, IS_INT, BITS, MAN_BITS, EMIN, EMAX, MAX_CODE,
+                        MAX_SIG, OVERFLOW_CODE, NAN_CODE, SIGN_SHIFT, SR_RES, STOCHASTIC)
     if BITS == 4:
-        HALF: tl.constexpr = BLOCK_SIZE // 2
-        i = tl.arange(0, HALF)
-        col = j[:, None] * BLOCK_SIZE + 2 * i[None, :]
-        idx = row[:, None] * N + col
-        x_even = tl.load(x_ptr + idx, mask=blk_ok[:, None] & (col < N), other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + idx + 1, mask=blk_ok[:, None] & (col + 1 < N), other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(x_even.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1),
-                          tl.max(x_odd.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1))
-        scale, s_bits, ok = _block_scale_tl(amax, QMAX)
-        if STOCHASTIC:
-            r_even = _random_bits_tl(key, idx)
-            r_odd = _random_bits_tl(key, idx + 1)
-        else:
-            r_even = 0
-            r_odd = 0
-        c_even = _quantize_tl(x_even, scale[:, None], ok[:, None], r_even, QMAX, IS_INT, BITS, MAN_BITS, EMIN, EMAX,
-                              MAX_CODE, MAX_SIG, OVERFLOW_CODE, NAN_CODE, SIGN_SHIFT, SR_RES, STOCHASTIC)
-        c_odd = _quantize_tl(x_odd, scale[:, None], ok[:, None], r_odd, QMAX, IS_INT, BITS, MAN_BITS, EMIN, EMAX,
-                             MAX_CODE, MAX_SIG, OVERFLOW_CODE, NAN_CODE, SIGN_SHIFT, SR_RES, STOCHASTIC)
-        byte = c_even | (c_odd << 4)
-        dst = row[:, None] * ROW_BYTES + j[:, None] * PAYLOAD + i[None, :]
-        tl.store(out_ptr + dst, byte.to(tl.uint8), mask=blk_ok[:, None])
-    else:
-        i = tl.arange(0, BLOCK_SIZE)
-        col = j[:, None] * BLOCK_SIZE + i[None, :]
-        idx = row[:, None] * N + col
-        x = tl.load(x_ptr + idx, mask=blk_ok[:, None] & (col < N), other=0.0).to(tl.float32)
-        amax = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
-        scale, s_bits, ok = _block_scale_tl(amax, QMAX)
-        if STOCHASTIC:
-            rand = _random_bits_tl(key, idx)
-        else:
-            rand = 0
-        code = _quantize_tl(x, scale[:, None], ok[:, None], rand, QMAX, IS_INT, BITS, MAN_BITS, EMIN, EMAX, MAX_CODE,
-                            MAX_SIG, OVERFLOW_CODE, NAN_CODE, SIGN_SHIFT, SR_RES, STOCHASTIC)
-        # Padding columns (col >= N) hold x = 0, i.e. code 0: the whole block is stored.
-        dst = row[:, None] * ROW_BYTES + j[:, None] * PAYLOAD + i[None, :]
-        tl.store(out_ptr + dst, code.to(tl.uint8), mask=blk_ok[:, None])
+        # Pairs (2p, 2p + 1) of each block side by side, the even one into the low nibble.
+        c_even, c_odd = tl.split(tl.reshape(code, (BLOCKS, BLOCK_SIZE // 2, 2)))
+        code = c_even | (c_odd << 4)
+        i = tl.arange(0, BLOCK_SIZE // 2)
+    dst = row[:, None] * ROW_BYTES + j[:, None] * PAYLOAD + i[None, :]
+    tl.store(out_ptr + dst, code.to(tl.uint8), mask=blk_ok[:, None])
     # The float32 scale as 4 little-endian bytes after the row's payload (4-byte aligned offsets).
     k = tl.arange(0, 4)
     s_dst = row * ROW_BYTES + NB * PAYLOAD + 4 * j
@@ -148,16 +125,12 @@ def _unpack_dequantize_kernel(buf_ptr, out_ptr, n_blocks, N, NB, ROW_BYTES, IS_I
     s_bits = s_bits | (tl.load(s_src + 3, mask=blk_ok, other=0).to(tl.int32) << 24)
     scale = s_bits.to(tl.float32, bitcast=True)[:, None]
     if BITS == 4:
-        HALF: tl.constexpr = BLOCK_SIZE // 2
-        i = tl.arange(0, HALF)
+        i = tl.arange(0, BLOCK_SIZE // 2)
         byte = tl.load(buf_ptr + row[:, None] * ROW_BYTES + j[:, None] * PAYLOAD + i[None, :], mask=blk_ok[:, None],
                        other=0).to(tl.int32)
-        v_even = (((byte & 0xF) ^ 0x8) - 0x8).to(tl.float32) * scale  # sign-extend the nibble
-        v_odd = (((byte >> 4) ^ 0x8) - 0x8).to(tl.float32) * scale
-        col = j[:, None] * BLOCK_SIZE + 2 * i[None, :]
-        idx = row[:, None] * N + col
-        _store_float_tl(out_ptr + idx, v_even, blk_ok[:, None] & (col < N), OUT_BF16)
-        _store_float_tl(out_ptr + idx + 1, v_odd, blk_ok[:, None] & (col + 1 < N), OUT_BF16)
+        # Sign-extend each nibble; low nibble = even element, interleaved back into block order.
+        value = tl.reshape(tl.join(((byte & 0xF) ^ 0x8) - 0x8, ((byte >> 4) ^ 0x8) - 0x8), (BLOCKS, BLOCK_SIZE))
+        value = value.to(tl.float32)
     else:
         i = tl.arange(0, BLOCK_SIZE)
         code = tl.load(buf_ptr + row[:, None] * ROW_BYTES + j[:, None] * PAYLOAD + i[None, :], mask=blk_ok[:, None],
@@ -166,5 +139,5 @@ def _unpack_dequantize_kernel(buf_ptr, out_ptr, n_blocks, N, NB, ROW_BYTES, IS_I
             value = ((code ^ 0x80) - 0x80).to(tl.float32)
         else:
             value = _decode_code_tl(code, EXP_BITS, MAN_BITS, BIAS, True, False, NAN_CODE)
-        col = j[:, None] * BLOCK_SIZE + i[None, :]
-        _store_float_tl(out_ptr + row[:, None] * N + col, value * scale, blk_ok[:, None] & (col < N), OUT_BF16)
+    col = j[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
+    _store_float_tl(out_ptr + row[:, None] * N + col, value * scale, blk_ok[:, None] & (col < N), OUT_BF16)
