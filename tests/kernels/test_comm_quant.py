@@ -297,6 +297,26 @@ def test_dequantize_error_within_the_format_bound(fmt):
     assert (err / bound)[normal.expand_as(err)].max() > 0.9
 
 
+def test_saturation_edge_amax_element_takes_the_largest_code():
+    """x / scale at the block's amax lands on qmax up to the scale's rounding: never past it (no E4M3 NaN
+    code 0x7F, no int wrap-around), and the amax element comes back within the bound."""
+    x = random_input(256, 128, seed=13)
+    for fmt in COMM_FORMATS:
+        kernel, reference = both_paths(quantize_pack, x, fmt, 128)
+        assert torch.equal(kernel, reference)
+        arg = x.abs().argmax(1)
+        sign = torch.signbit(x[torch.arange(256), arg])
+        payload = kernel[:, :128 * BITS[fmt] // 8].long()
+        if fmt == "int4":
+            codes = torch.where(arg % 2 == 0, payload[torch.arange(256), arg // 2] & 0xF,
+                                payload[torch.arange(256), arg // 2] >> 4)
+            top = torch.where(sign, 0x9, 0x7)                     # -7, 7 as nibbles
+        else:
+            codes = payload[torch.arange(256), arg]
+            top = torch.where(sign, 0x81, 0x7F) if fmt == "int8" else torch.where(sign, 0xFE, 0x7E)
+        assert torch.equal(codes, top), fmt
+
+
 @pytest.mark.parametrize("fmt", COMM_FORMATS)
 def test_round_trip_snr(fmt):
     x = random_input(32, 1024, seed=9)
