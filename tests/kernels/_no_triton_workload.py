@@ -14,7 +14,7 @@ from torch import nn
 
 
 def workload() -> dict[str, torch.Tensor]:
-    """Casts, MX, Newton-Schulz, SOAP kernels, FP8/MXFP8/FP4 layers and Muon/SOAP steps (all seeded)."""
+    """Casts, MX, Newton-Schulz, SOAP, comm quantization, FP8/MXFP8/FP4 layers, Muon/SOAP steps (all seeded)."""
     import nexus_kernels as nk
     from nexus.training.mixed_precision import (FP4Config, FP8Format, MXFP8Config, convert_to_fp4, convert_to_fp8,
                                                 convert_to_mxfp8)
@@ -44,6 +44,9 @@ def workload() -> dict[str, torch.Tensor]:
     out["soap_L"], out["soap_R"] = L, R
     out["soap_project"] = nk.project(G2, QL, QR)
     out["soap_project_back"] = nk.project_back(out["soap_project"], QL, None)
+    for fmt in nk.COMM_FORMATS:
+        out[f"comm_{fmt}_packed"] = nk.quantize_pack(x, fmt, 32, stochastic=fmt == "int4", seed=9)
+        out[f"comm_{fmt}_values"] = nk.unpack_dequantize(out[f"comm_{fmt}_packed"], 70, fmt, 32)
 
     layers = {
         "fp8": lambda m: convert_to_fp8(m, FP8Format.HYBRID),
