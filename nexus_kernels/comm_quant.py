@@ -44,10 +44,10 @@ Dequantized value: ``float32(q) * scale`` (one float32 multiply), then converted
 ``stochastic=True`` rounds each element to one of its two neighbours with probability given by
 the distance (resolved to 2**-30), so E[x_hat] == x within the clamp range: int codes take
 ``floor(y) + 1`` when ``(rand >> 2) + floor(f * 2**30) >= 2**30``, with ``f = y - floor(y)``
-rounded to float32 (exact except for negative y within 2**-24 of 0, whose bias is below 2**-24 of
-a step); fp8 uses the casts' stochastic rule. ``rand`` is the 32-bit random stream of ``nexus_kernels.cast`` indexed by the flat
-element index ``row * n + col`` of ``x``, so the Triton kernel and the reference return the same
-bytes for the same seed.
+rounded to float32 (exact except for y in (-1, 0), where the rounding biases the probability by
+less than 2**-24); fp8 uses the casts' stochastic rule. ``rand`` is the 32-bit random stream of
+``nexus_kernels.cast`` indexed by the flat element index ``row * n + col`` of ``x``, so the Triton
+kernel and the reference return the same bytes for the same seed.
 
 ``quantize_pack`` / ``unpack_dequantize`` call the custom ops ``torch.ops.nexus.quantize_pack`` /
 ``unpack_dequantize``, which pick the Triton kernel (``_comm_quant_kernels``, imported on first
@@ -190,7 +190,7 @@ def quantize_pack_reference(x: torch.Tensor, fmt: str = "int8", block_size: int 
         y = y.clamp(-spec.qmax, spec.qmax)
         if stochastic:
             lo = torch.floor(y)
-            # y - lo in float32 (exact unless y is a tiny negative), then its first SR_BITS bits
+            # y - lo in float32 (exact unless -1 < y < 0), then its first SR_BITS bits
             frac30 = torch.floor((y - lo).double() * 2.0**SR_BITS).long()
             q = lo.long() + ((rand >> (32 - SR_BITS)) + frac30 >= 2**SR_BITS).long()
         else:
