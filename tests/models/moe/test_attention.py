@@ -155,3 +155,21 @@ def test_attention_impl_is_validated_and_read_from_the_run_file():
                             "data": {"data_dir": "unused", "vocab_size": 512}, "training": {"seq_len": 16}})
     assert run.model.attention_impl == "nexus"
     assert MoEConfig(**_NEXUS_MODEL).attention_impl == "sdpa"
+
+
+def test_block_attention_compiles_in_one_graph():
+    """The kernels are torch.library ops: torch.compile traces forward and backward without graph breaks."""
+    from nexus.models.moe import block_attention
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 19, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 19, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 19, 16, generator=g, requires_grad=True)
+    compiled = torch.compile(lambda *t: block_attention(*t).square().sum(), backend="aot_eager", fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    want_loss = sdpa_core(q, k, v).square().sum()
+    want = torch.autograd.grad(want_loss, (q, k, v))
+    torch.testing.assert_close(loss, want_loss)
+    for got, expect in zip(grads, want):
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
