@@ -790,7 +790,7 @@ class Trainer:
         placed = unwrap_model(model)
         optimizer = self.optimizer
         placed_params = dict(placed.named_parameters())
-        if any(id(p) not in names for p in placed_params.values()):  # sharding replaced the Parameters
+        if {id(p) for p in placed_params.values()} != set(names):  # sharding replaced Parameters, or a stage holds some
             # the same groups and hyperparameters over the placed Parameters (a pipeline rank: its stages' only)
             groups = [{**{k: v for k, v in g.items() if k != "params"},
                        "params": [placed_params[names[id(p)]] for p in g["params"] if names[id(p)] in placed_params]}

@@ -547,11 +547,17 @@ def check_with_model_parallel_tp2(rank, world_size):
     return _moe_run(_tmp(rank), lambda t: t.with_model_parallel(ModelParallelConfig(tensor_parallel_size=2)))
 
 
+def check_with_model_parallel_pp2(rank, world_size):
+    return _moe_run(_tmp(rank), lambda t: t.with_model_parallel(ModelParallelConfig(pipeline_parallel_size=2,
+                                                                                    pipeline_schedule="gpipe")))
+
+
 @pytest.fixture(scope="module")
 def two_ranks():
     return run_distributed_checks([check_with_data_parallel, check_with_data_parallel_sync_every_micro_batch,
                                    check_with_data_parallel_accumulating, check_with_mpi,
-                                   check_with_model_parallel_tp2], world_size=2, timeout=300)
+                                   check_with_model_parallel_tp2, check_with_model_parallel_pp2], world_size=2,
+                                  timeout=300)
 
 
 @spawns
@@ -585,3 +591,16 @@ def test_with_model_parallel_tensor_parallel_on_two_ranks_equals_one_process(two
         assert rank["lm_loss"] == pytest.approx(reference["lm_loss"], abs=1e-4)
         for name, tensor in reference["params"].items():
             torch.testing.assert_close(rank["params"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@spawns
+def test_with_model_parallel_pipeline_on_two_ranks_equals_one_process(two_ranks, tmp_path):
+    reference = _moe_run(tmp_path)
+    ranks = two_ranks["check_with_model_parallel_pp2"]
+    held = [set(r["params"]) for r in ranks]
+    assert not held[0] & held[1] and held[0] | held[1] == set(reference["params"])  # each stage's own layers
+    for rank in ranks:
+        assert rank["sharded"]
+        assert rank["lm_loss"] == pytest.approx(reference["lm_loss"], abs=1e-4)
+        for name, tensor in rank["params"].items():
+            torch.testing.assert_close(tensor, reference["params"][name], rtol=1e-4, atol=1e-5, msg=name)
