@@ -4,7 +4,14 @@ Triton is optional: the kernels are imported on their first launch, and without 
 runs the reference. Each public function calls a ``torch.ops.nexus`` custom op (see ``_backend``).
 """
 from nexus_kernels._backend import BackendError, forced, select
-from nexus_kernels.attention import block_attention_backward, block_attention_forward, merge_attention
+from nexus_kernels.attention import (
+    block_attention_backward,
+    block_attention_backward_reference,
+    block_attention_forward,
+    block_attention_forward_reference,
+    merge_attention,
+    merge_attention_reference,
+)
 from nexus_kernels.cast import cast_to_fp, cast_to_fp_bits, decode_fp_bits
 from nexus_kernels.comm_quant import COMM_FORMATS, packed_nbytes, quantize_pack, unpack_dequantize
 from nexus_kernels.mx import from_mx, to_mx
