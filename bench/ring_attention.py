@@ -138,7 +138,7 @@ def main() -> None:
         settings = dict(backend=backend, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq=seq,
                         head_dim=args.head_dim, dtype="bfloat16" if backend == "nccl" else "float32",
                         repeats=args.repeats, pairs=args.pairs, max_spread=args.max_spread)
-        # the ranks unpickle the rank function by its module's name (run as __main__ by `nexus bench`, it would not be found)
+        # the ranks unpickle the rank function by its module's name (as __main__ under `nexus bench` it is not found)
         module = importlib.import_module("bench.ring_attention")
         outcome = spawn(module._bench_rank, world, (settings,), backend=backend, threads=args.threads or 1)
         flops = attention_flops(args.batch, args.heads, seq, args.head_dim)

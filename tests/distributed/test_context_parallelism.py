@@ -20,13 +20,19 @@ import torch.nn.functional as F
 from nexus.training.distributed.context_parallelism import (
     ContextParallelAttention, SequenceLayout, SequenceSplit, gather_sequence, init_context_parallel_group,
     ring_attention, shard_batch, shard_sequence)
+from nexus_kernels import forced
 from tests.distributed.harness import run_distributed
 from tests.distributed.models import spawns
 
 # (causal, real length, query heads, kv heads): zigzag and contiguous, lengths that divide 2P and
 # odd ones that are padded, multi-head and grouped-query
 RING_CASES = [(True, 32, 4, 2), (False, 32, 4, 4), (True, 13, 4, 1), (False, 13, 2, 2), (True, 7, 2, 1)]
+INTERPRET_CASES = [(True, 32, 4, 2), (False, 13, 2, 2)]  # float32 through the Triton source (interpreter)
 TRAIN_STEPS = 3
+TRAIN_LAYOUTS = {  # the `distributed:` sections trained at 4 ranks
+    "dp2_cp2": "{cp: 2}",  # gradients averaged by FSDP2 over the flattened dp_shard x cp mesh
+    "tp2_cp2_checkpointed": "{tp: 2, cp: 2, activation_checkpointing: true}",  # ring over tp's head shards, recomputed
+}
 
 
 def _oracle(q, k, v, causal):
@@ -129,13 +135,21 @@ def _train(path: Path):
     return params, trainer.evaluate()["val_loss"], trainer.context_parallel is not None
 
 
-def _rank_checks(rank, world_size, run_file):
-    """Everything multi-process, in one spawn of 4 ranks."""
+def _rank_checks(rank, world_size, run_files):
+    """Everything multi-process, in one spawn of 4 ranks: the ring's blocks through the attention kernel's
+    Triton source (interpreter) once, then through its torch reference (fast)."""
     results = {}
     world = init_context_parallel_group(world_size)
     pairs = init_context_parallel_group(2)  # {0, 1} and {2, 3}: dp 2 x cp 2
     one = init_context_parallel_group(1)
     results["pair_ranks"] = dist.get_process_group_ranks(pairs)
+    results["interpret"] = [_ring_errors(world, *case, dtype=torch.float32) for case in INTERPRET_CASES]
+    with forced("reference"):
+        _reference_checks(results, world, pairs, one, run_files)
+    return results
+
+
+def _reference_checks(results, world, pairs, one, run_files):
     for name, group in (("ring4", world), ("ring2", pairs)):
         results[name] = [_ring_errors(group, *case) for case in RING_CASES]
     results["bf16"] = {p: _bf16_errors(g) for p, g in ((1, one), (2, pairs), (4, world))}
@@ -144,8 +158,7 @@ def _rank_checks(rank, world_size, run_file):
                               for p, g in ((1, one), (2, pairs), (4, world))}
     results["module"] = {causal: _module_vs_one_rank(pairs, one, causal) for causal in (True, False)}
     dist.barrier()
-    results["train"] = _train(run_file)
-    return results
+    results["train"] = {name: _train(path) for name, path in run_files.items()}
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +175,8 @@ def run_files(small_run):
         path.write_text(text + (f"distributed: {distributed}\n" if distributed else ""))
         return path
 
-    return write("cp_single", None), write("cp_dp2_cp2", "{cp: 2}")
+    layouts = {layout: write(f"cp_{layout}", section) for layout, section in TRAIN_LAYOUTS.items()}
+    return write("cp_single", None), layouts
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +265,16 @@ def test_ring_attention_equals_full_attention_in_float64(four_ranks, ring, case)
 
 
 @spawns
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=[f"{'causal' if c else 'full'}-S{s}-H{h}-KV{kv}"
+                                                       for c, s, h, kv in INTERPRET_CASES])
+def test_ring_attention_through_the_kernel_source_in_float32(four_ranks, case):
+    for rank, results in enumerate(four_ranks):
+        errors, scale = results["interpret"][INTERPRET_CASES.index(case)]
+        for name, err, mag in zip(("out", "dq", "dk", "dv"), errors, scale):
+            assert err < 2e-5 * max(mag, 1.0), (rank, name, err, mag)
+
+
+@spawns
 def test_groups_of_two_are_consecutive_ranks(four_ranks):
     assert [r["pair_ranks"] for r in four_ranks] == [[0, 1], [0, 1], [2, 3], [2, 3]]
 
@@ -282,11 +306,12 @@ def test_context_parallel_attention_at_two_ranks_equals_one_rank(four_ranks, cau
 
 
 @spawns
-def test_training_with_cp_2_on_a_dp_2_mesh_matches_one_process(four_ranks, single_run, run_files):
-    params, val_loss, used = four_ranks[0]["train"]
+@pytest.mark.parametrize("layout", list(TRAIN_LAYOUTS))
+def test_training_with_cp_2_matches_one_process(four_ranks, single_run, run_files, layout):
+    params, val_loss, used = four_ranks[0]["train"][layout]
     ref_params, ref_val, ref_used = single_run
     assert used and not ref_used
-    single, split = run_files
+    single, split = run_files[0], run_files[1][layout]
     losses, ref_losses = _metric(split, "lm_loss"), _metric(single, "lm_loss")
     assert len(losses) == len(ref_losses) == TRAIN_STEPS
     assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-5, (losses, ref_losses)
@@ -295,4 +320,4 @@ def test_training_with_cp_2_on_a_dp_2_mesh_matches_one_process(four_ranks, singl
     worst = max((params[n] - ref_params[n]).abs().max().item() for n in params)
     assert worst < 1e-5, worst
     for rank_results in four_ranks[1:]:  # every rank holds the same model
-        assert all(torch.equal(rank_results["train"][0][n], params[n]) for n in params)
+        assert all(torch.equal(rank_results["train"][layout][0][n], params[n]) for n in params)
