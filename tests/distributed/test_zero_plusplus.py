@@ -642,7 +642,7 @@ def test_seed_example_trains_and_keeps_ranks_identical(runs):
 def test_a_node_size_that_does_not_divide_the_world_is_refused(runs):
     world, results = runs
     for message in results["check_node_size_must_divide_the_world"]:
-        assert "node_size=3" in message and f"{world} ranks" in message
+        assert "size=3" in message and f"{world} ranks" in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,6 +651,10 @@ def test_a_node_size_that_does_not_divide_the_world_is_refused(runs):
 
 def test_one_process_is_the_base_optimizer():
     model, ref = make(OddNet), make(OddNet)
+    for m in (model, ref):  # a frozen parameter: never touched (torch skips it: no grad)
+        m.norm.bias.requires_grad_(False)
+        with torch.no_grad():
+            m.norm.bias.fill_(0.25)
     opt = ZeroPlusPlusOptimizer(param_groups(model), base_optimizer=torch.optim.AdamW, lr=LR)
     ref_opt = torch.optim.AdamW(param_groups(ref), lr=LR)
     for step in range(3):
@@ -660,6 +664,7 @@ def test_one_process_is_the_base_optimizer():
             o.step()
             o.zero_grad()
     assert max_diff(dict(model.named_parameters()), dict(ref.named_parameters())) == 0.0
+    assert torch.equal(model.norm.bias, torch.full((11,), 0.25))
     assert opt.comm_stats()["bytes"] == 0
 
 

@@ -72,13 +72,14 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
 import types
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from nexus.training.distributed.mesh import launch_env
 
 __all__ = ["ZeroPlusPlusConfig", "ZeroPlusPlusOptimizer"]
 
@@ -114,7 +115,8 @@ class ZeroPlusPlusConfig:
         backward re-gather never crosses nodes (needs ``module=`` on the optimizer to matter).
     block_size: elements per quantization block (one fp32 scale each): 64 or 128.
     error_feedback: carry each rank's gradient quantization residual into the next step (qgZ only).
-    node_size: ranks per node; default ``LOCAL_WORLD_SIZE`` from the launcher, else the whole group.
+    node_size: ranks per node; default the launcher's local world size (torchrun's ``LOCAL_WORLD_SIZE``,
+        OpenMPI's ``OMPI_COMM_WORLD_LOCAL_SIZE``), else the whole group. Nodes are consecutive ranks.
     """
 
     quantize_weights: bool = True
@@ -246,6 +248,10 @@ def _normalise_groups(params: Iterable) -> list[dict]:
             if not p.is_floating_point():
                 raise ValueError(f"ZeroPlusPlusOptimizer: parameters must be floating point, got {p.dtype}")
             seen.add(id(p))
+        # frozen parameters: a torch optimizer never touches them (no grad); here they are left whole, unmanaged
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+    if not any(g["params"] for g in groups):
+        raise ValueError("ZeroPlusPlusOptimizer: no parameter requires grad")
     return groups
 
 
@@ -370,8 +376,9 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
         size = self.config.node_size
         source = "config.node_size"
         if size is None:
-            env = os.environ.get("LOCAL_WORLD_SIZE")
-            size, source = (int(env), "LOCAL_WORLD_SIZE") if env else (self._world, "")
+            env = launch_env()  # torchrun's LOCAL_WORLD_SIZE or OpenMPI's OMPI_COMM_WORLD_LOCAL_SIZE
+            size, source = ((env.local_world_size, "the launcher's local world size") if env.launcher != "none"
+                            else (self._world, "the group size"))
         if self._world == 1:
             return 1
         if self._world % size:
