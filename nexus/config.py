@@ -1,6 +1,6 @@
 """Run configuration: YAML files mapped onto keyword-only dataclasses.
 
-A run file has up to seven sections, each mapped onto one dataclass::
+A run file has up to eight sections, each mapped onto one dataclass::
 
     model:      MoEConfig            (nexus.models.moe)
     data:       DataConfig
@@ -9,6 +9,7 @@ A run file has up to seven sections, each mapped onto one dataclass::
     qat:        QATConfig            (nexus.training.qat; only when present: quantization-aware training)
     distributed: DistributedConfig   (nexus.training.distributed; only when present: the device mesh)
     memory:     MemoryConfig         (nexus.training.gradient_methods; activation checkpointing, offloading)
+    hpo:        HPOConfig            (nexus.training.hpo; only when present: what `nexus hpo` searches)
 
 An unknown or misspelt key, a value of the wrong type, or an impossible value stops loading with a
 ``ConfigError`` that names the file and the key.
@@ -191,6 +192,7 @@ class RunConfig:
     qat: Any = None  # a QATConfig when the file has a `qat:` section: quantization-aware training
     distributed: Any = None  # a DistributedConfig when the file has a `distributed:` section
     memory: Any = None  # a MemoryConfig when the file has a `memory:` section
+    hpo: Any = None  # an HPOConfig when the file has an `hpo:` section (`nexus hpo`)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,11 +202,12 @@ def _sections() -> dict[str, type]:
     from nexus.models.moe import MoEConfig
     from nexus.training.distributed.mesh import DistributedConfig
     from nexus.training.gradient_methods import MemoryConfig
+    from nexus.training.hpo import HPOConfig
     from nexus.training.qat import QATConfig
     from nexus.training.trainer import TrainingArguments
 
     return {"model": MoEConfig, "data": DataConfig, "training": TrainingArguments, "optimizer": OptimizerConfig,
-            "qat": QATConfig, "distributed": DistributedConfig, "memory": MemoryConfig}
+            "qat": QATConfig, "distributed": DistributedConfig, "memory": MemoryConfig, "hpo": HPOConfig}
 
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
@@ -217,10 +220,15 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
         raise ConfigError(f"{source}: unknown section {', '.join(map(repr, unknown))}; known: {', '.join(sections)}")
     if "model" not in raw:
         raise ConfigError(f"{source}: the 'model' section is missing")
-    optional = {"qat", "distributed", "memory"}  # present only when the file has the section
+    optional = {"qat", "distributed", "memory", "hpo"}  # present only when the file has the section
     built = {name: build_dataclass(cls, raw.get(name), f"{source}: {name}")
              for name, cls in sections.items() if name not in optional or raw.get(name) is not None}
     cfg = RunConfig(**built)
+    if cfg.hpo is not None:
+        try:
+            cfg.hpo.check_keys(sections)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: hpo: {exc}") from exc
     if cfg.qat is not None and cfg.training.precision in ("fp8", "mxfp8", "fp4"):
         raise ConfigError(f"{source}: qat and training.precision={cfg.training.precision} both replace Linear layers;"
                           " choose one")
