@@ -1,4 +1,4 @@
-"""Command line: ``nexus train``, ``nexus prepare``, ``nexus bench``."""
+"""Command line: ``nexus train``, ``nexus prepare``, ``nexus bench``, ``nexus hpo``."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,16 @@ def _prepare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _hpo(ns: argparse.Namespace) -> int:
+    from nexus.training.hpo import search_run_file
+
+    result = search_run_file(ns.config, n_trials=ns.n_trials, n_workers=ns.n_workers)
+    print(f"best value {result.best_value:.6g} after {result.n_trials} trials "
+          f"({result.n_pruned} pruned): {result.best_params}")
+    print(f"study, best_params.json and plots in {result.output_dir}")
+    return 0
+
+
 def _bench(ns: argparse.Namespace) -> int:
     bench_dir = Path(ns.bench_dir)
     scripts = sorted(p for p in bench_dir.glob("*.py") if not p.name.startswith("_"))
@@ -99,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--config", required=True)
     prepare.set_defaults(run=_prepare)
 
+    hpo = sub.add_parser("hpo", help="hyperparameter search over the hpo: section of a config file")
+    hpo.add_argument("--config", required=True, help="YAML run file with an hpo: section, e.g. configs/hpo_tiny.yaml")
+    hpo.add_argument("--n-trials", "--n_trials", dest="n_trials", type=int, default=None)
+    hpo.add_argument("--n-workers", "--n_workers", dest="n_workers", type=int, default=None)
+    hpo.set_defaults(run=_hpo)
+
     bench = sub.add_parser("bench", help="run the benchmarks in bench/")
     bench.add_argument("names", nargs="*", help="benchmark names (file stems); all when empty")
     bench.add_argument("--bench-dir", default="bench")
@@ -110,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return ns.run(ns)
-    except (ConfigError, CheckpointError, ValueError, OSError) as exc:
+    except (ConfigError, CheckpointError, ValueError, OSError, ImportError) as exc:  # ImportError: a missing extra
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
