@@ -668,6 +668,25 @@ def test_one_process_is_the_base_optimizer():
     assert opt.comm_stats()["bytes"] == 0
 
 
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+def test_one_process_clipping_and_module_equal_torch(norm_type):
+    """module= on one process changes nothing (nothing to partition); clip_grad_norm_ == torch's."""
+    model, ref = make(OddNet), make(OddNet)
+    opt = ZeroPlusPlusOptimizer(param_groups(model), base_optimizer=torch.optim.AdamW, module=model, lr=LR)
+    ref_opt = torch.optim.AdamW(param_groups(ref), lr=LR)
+    for step in range(3):
+        batch = global_batch(step, 2)
+        model(batch).loss.backward()
+        ref(batch).loss.backward()
+        norms = (opt.clip_grad_norm_(0.3, norm_type), torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.3, norm_type))
+        assert norms[0].item() == pytest.approx(norms[1].item(), rel=1e-6) and norms[1] > 0.3
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert max_diff(dict(model.named_parameters()), dict(ref.named_parameters())) <= 1e-7
+
+
 @pytest.mark.parametrize("kwargs, field", [
     (dict(block_size=96), "block_size"), (dict(weight_format="int2"), "weight_format"),
     (dict(gradient_format="bf16"), "gradient_format"), (dict(node_size=0), "node_size"),
