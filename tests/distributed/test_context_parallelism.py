@@ -250,6 +250,24 @@ def test_sequence_split_loss_is_the_global_mean_over_tokens():
     assert math.isclose(sum(lms) / 2, want_lm.item(), rel_tol=1e-6)
 
 
+def test_what_cannot_run_on_a_slice_of_the_sequence_is_refused_by_name():
+    from nexus.models.moe import MoEConfig, MoETransformer
+    from nexus.training.distributed.context_parallelism import apply_context_parallel, context_parallel_mesh
+    from nexus.training.distributed.mesh import DistributedConfig, ParallelContext
+
+    small = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32, n_experts=4, max_seq_len=16,
+                 mamba_head_dim=16, mamba_d_state=8, mamba_chunk_size=8, mamba_layer_interval=2, mod_layer_interval=2)
+    with pytest.raises(ValueError, match="use_mamba"):
+        apply_context_parallel(MoETransformer(MoEConfig(**small, use_mod=False)), None)
+    with pytest.raises(ValueError, match="use_mod"):
+        apply_context_parallel(MoETransformer(MoEConfig(**small, use_mamba=False)), None)
+    for config, match in ((DistributedConfig(cp=2, dp_shard=1, dp_replicate=2, sharding_strategy="hybrid"), "hybrid"),
+                          (DistributedConfig(cp=2, strategy="zero"), "zero")):
+        ctx = ParallelContext(config=config, sizes=config.sizes(4))
+        with pytest.raises(ValueError, match=match):
+            context_parallel_mesh(ctx)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Four ranks
 # ---------------------------------------------------------------------------------------------------

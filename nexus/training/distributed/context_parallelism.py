@@ -419,6 +419,10 @@ class ContextParallelAttention(nn.Module):
     embeddings (``rope_theta``; None turns them off) use the tokens' global positions. With a group
     of one rank (or no process group) it is plain attention over the whole sequence.
 
+    cp_group: the ranks sharing each sequence (:func:`init_context_parallel_group`); None is torch's
+    default group (every rank) under a process group. num_kv_heads: grouped-query attention (default
+    num_heads). causal: mask and layout (zigzag) for decoders.
+
     Example::
         cp_group = init_context_parallel_group(cp_size=4)
         attention = ContextParallelAttention(hidden_size=2048, num_heads=16, cp_group=cp_group)
