@@ -1,9 +1,14 @@
-"""Data parallel on torch.distributed: step time and bytes communicated for DDP and FSDP2, and per-rank memory.
+"""Data parallel on torch.distributed: step time and bytes communicated for DDP, FSDP2, ZeRO and ZeRO++, and
+per-rank memory.
 
 1. Step time and bytes per optimizer step (forward, multi-token loss, backward, AdamW) of a small
-   ``MoETransformer`` (fp32) at 2 and 4 Gloo ranks on 127.0.0.1: DDP (``wrap_data_parallel``) and
-   FSDP2 (``wrap_model_fsdp2``) with ``full``, ``shard_grad_op``, ``no_shard`` and, from 4 ranks,
-   ``hybrid`` (2 nodes x world/2). All arms live in one process group and are timed in alternation
+   ``MoETransformer`` (fp32) at 2 and 4 Gloo ranks on 127.0.0.1: DDP (``wrap_data_parallel``),
+   FSDP2 (``wrap_model_fsdp2``) with ``full`` (= ZeRO-3), ``shard_grad_op`` (= ZeRO-2), ``no_shard`` and, from
+   4 ranks, ``hybrid`` (2 nodes x world/2); ZeRO-1 (DDP + torch's ``ZeroRedundancyOptimizer``); and
+   ``ZeroPlusPlusOptimizer`` with ``module=`` (parameters partitioned) twice: unquantized without hpZ (plain
+   ZeRO-3 on the same machinery) and ZeRO++ (int8 weights, int4 gradients, hpZ), with nodes of world/2
+   ranks (of 1 rank at 2 ranks), whose cross-node bytes (counted by ``comm_stats``) are set side by side.
+   All arms live in one process group and are timed in alternation
    with DDP (``--pairs`` rounds, each timing every arm once; ``ratio`` = time / DDP time of the same
    round, median with min and max). A timing is the slowest rank's seconds per step over ``--steps``
    steps, started together after a barrier.
@@ -165,9 +170,10 @@ class Arm:
     per node)."""
 
     name: str
-    kind: str
+    kind: str  # ddp | fsdp2 | zero1 | zeropp
     strategy: str | None = None
     node_size: int | None = None
+    quantized: bool = False  # zeropp: int8 weights, int4 gradients and hpZ
 
 
 def arms_for(world: int) -> list[Arm]:
@@ -178,6 +184,9 @@ def arms_for(world: int) -> list[Arm]:
     if world >= 4 and world % 2 == 0:
         node = world // 2
         arms.append(Arm(f"FSDP2 hybrid 2x{node}", "fsdp2", "hybrid", node))
+    node = world // 2 if world >= 4 and world % 2 == 0 else 1
+    arms += [Arm("ZeRO-1", "zero1"), Arm("ZeRO-3 (ZeRO++ code, unquantized)", "zeropp", node_size=node),
+             Arm(f"ZeRO++ int8/int4 hpZ (nodes of {node})", "zeropp", node_size=node, quantized=True)]
     return arms
 
 
@@ -201,10 +210,14 @@ def expected_bytes(arm: Arm, model: nn.Module, world: int) -> dict[str, int]:
     from nexus.training.distributed.fsdp2 import FSDP2Config, find_blocks
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if arm.kind == "ddp":
+    if arm.kind in ("ddp", "zero1"):
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-        out = {"all_reduce": sum(p.numel() * p.element_size() for p in params), "broadcast": buffers}
+        grads = sum(p.numel() * p.element_size() for p in params)
+        # ZeRO-1: each updated parameter is broadcast once from the rank that owns its optimizer state
+        out = {"all_reduce": grads, "broadcast": buffers + (grads if arm.kind == "zero1" else 0)}
         return {k: v for k, v in out.items() if v}
+    if arm.kind == "zeropp":
+        return {}  # padded, quantized rows: its own comm_stats() gives the bytes
     shard = {"hybrid": arm.node_size, "no_shard": 1}.get(arm.strategy, world)
     replicate = world // shard
     config = FSDP2Config(sharding_strategy=arm.strategy, mixed_precision=False, node_size=arm.node_size)
@@ -230,8 +243,12 @@ def textbook_wire_bytes(arm: Arm, param_bytes: int, world: int) -> float:
     def share(n: int) -> float:
         return (n - 1) / n
 
+    if arm.kind == "zero1":  # DDP's all-reduce, then each updated parameter broadcast from its owner
+        return 3 * share(world) * param_bytes
     if arm.kind == "ddp" or arm.strategy == "no_shard":
         return 2 * share(world) * param_bytes
+    if arm.kind == "zeropp":
+        return 3 * share(world) * param_bytes if not arm.quantized else float("nan")
     if arm.strategy == "full":
         return 3 * share(world) * param_bytes
     if arm.strategy == "shard_grad_op":
@@ -302,6 +319,19 @@ def _build(arm: Arm, settings: dict, device: torch.device) -> tuple[nn.Module, n
     plain = MoETransformer(MoEConfig(**settings["model"])).to(device)
     with torch.device("meta"):  # shapes only, for expected_bytes
         reference = MoETransformer(MoEConfig(**settings["model"]))
+    if arm.kind == "zero1":
+        from nexus.training.distributed.zero import partition_optimizer_state
+
+        model = wrap_data_parallel(plain)
+        return model, reference, partition_optimizer_state(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    if arm.kind == "zeropp":
+        from nexus.training.distributed.zero_plusplus import ZeroPlusPlusConfig, ZeroPlusPlusOptimizer
+
+        q = arm.quantized
+        config = ZeroPlusPlusConfig(quantize_weights=q, quantize_gradients=q, hierarchical_partition=q,
+                                    node_size=arm.node_size)
+        return plain, reference, ZeroPlusPlusOptimizer(plain.parameters(), base_optimizer=torch.optim.AdamW,
+                                                       config=config, module=plain, lr=1e-3)
     if arm.kind == "ddp":
         model = wrap_data_parallel(plain)
     else:
@@ -360,9 +390,12 @@ def _bench_rank(rank: int, world: int, settings: dict) -> dict:
         with CollectiveCounter() as counter:
             steps[arm.name]()
         mine = {"payload": dict(counter.payload), "wire": dict(counter.wire), "calls": dict(counter.calls)}
+        reference, opt = built[arm.name][1], built[arm.name][2]
+        if arm.kind == "zeropp":  # bytes sent in that step, as the optimizer counted them at its calls
+            stats = opt.comm_stats()
+            mine["sent"], mine["cross_node"] = stats["bytes"], stats["cross_node_bytes"]
         every = [None] * world
         dist.all_gather_object(every, mine)
-        reference = built[arm.name][1]
         param_bytes = sum(p.numel() * p.element_size() for p in reference.parameters() if p.requires_grad)
         counted[arm.name] = {**mine, "same_on_all_ranks": all(e == mine for e in every),
                              "expected": expected_bytes(arm, reference, world), "param_bytes": param_bytes,
@@ -384,11 +417,14 @@ def comm_rows(backend: str, world: int, outcome: dict) -> list[dict[str, Any]]:
             continue
         c = outcome["counted"][name]
         counted, expected = sum(c["payload"].values()), sum(c["expected"].values())
+        if "sent" in c:
+            row.update({"sent MB/rank": c["sent"] / MB, "cross-node MB/rank": c["cross_node"] / MB})
         wire = sum(c["wire"].values())
         row.update({"ms": 1e3 * statistics.median(outcome["times"][name]), **outcome["cells"][name]})
         row.update({f"{k} MB": c["payload"].get(k, 0) / MB for k in KINDS})
         row.update({"counted MB": counted / MB, "expected MB": expected / MB,
                     "counted/expected": counted / expected if expected else float("nan"),
+                    "expected": bool(expected),
                     "wire MB/rank": wire / MB, "textbook MB/rank": c["textbook_wire"] / MB,
                     "wire/textbook": wire / c["textbook_wire"] if c["textbook_wire"] else float("nan"),
                     "same on all ranks": c["same_on_all_ranks"], "params": c["params"],
@@ -479,7 +515,25 @@ TIME_COLUMNS = ["backend", "ranks", "impl", "ms", "ratio", "min", "max", "verdic
 def _bytes_columns(rows: list[dict]) -> list[str]:
     kinds = [f"{k} MB" for k in KINDS if any(r.get(f"{k} MB") for r in rows)]
     return (["backend", "ranks", "impl", *kinds, "counted MB", "expected MB", "counted/expected", "wire MB/rank",
-             "textbook MB/rank", "wire/textbook", "same on all ranks"])
+             "textbook MB/rank", "wire/textbook", "sent MB/rank", "cross-node MB/rank", "same on all ranks"])
+
+
+def zero_plusplus_cut(rows: list[dict]) -> list[dict[str, Any]]:
+    """Per backend and world size: ZeRO++'s bytes over plain ZeRO-3's (both counted by ``comm_stats``), all
+    bytes and those crossing nodes; the seeds promise a 4x cut (a ratio <= 0.25)."""
+    out = []
+    for (backend, world) in sorted({(r["backend"], r["ranks"]) for r in rows}):
+        mine = {r["impl"].split(" ")[0]: r for r in rows if (r["backend"], r["ranks"]) == (backend, world)
+                and "sent MB/rank" in r}
+        if {"ZeRO-3", "ZeRO++"} <= set(mine):
+            plain, pp = mine["ZeRO-3"], mine["ZeRO++"]
+            out.append({"table": "zero++", "backend": backend, "ranks": world,
+                        "ZeRO-3 MB/rank": plain["sent MB/rank"], "ZeRO++ MB/rank": pp["sent MB/rank"],
+                        "bytes ratio": pp["sent MB/rank"] / plain["sent MB/rank"],
+                        "ZeRO-3 cross-node MB": plain["cross-node MB/rank"],
+                        "ZeRO++ cross-node MB": pp["cross-node MB/rank"],
+                        "cross-node ratio": pp["cross-node MB/rank"] / plain["cross-node MB/rank"]})
+    return out
 
 
 def main() -> None:
@@ -523,8 +577,12 @@ def main() -> None:
     print("\nBytes per optimizer step and rank (MB = 1e6 bytes): payload = whole buffer of each collective "
           "(all-gather: output, reduce-scatter: input); expected = what the shapes and FSDP2/DDP's rules predict; "
           "wire = ring bytes sent by one rank; textbook = DDP 2(N-1)/N P, full 3(N-1)/N P, shard_grad_op 2(N-1)/N P, "
-          "hybrid 3(s-1)/s P + 2(r-1)/r P/s:")
+          "hybrid 3(s-1)/s P + 2(r-1)/r P/s, ZeRO-1 3(N-1)/N P; sent and cross-node: ZeroPlusPlusOptimizer.comm_stats():")
     print_table(rows, _bytes_columns(rows))
+    cut = zero_plusplus_cut(rows)
+    print("\nZeRO++ (int8 weights, int4 gradients, hpZ) over plain ZeRO-3 on the same code, bytes sent per rank and "
+          "step (seeds: 4x less, ratio <= 0.25):")
+    print_table(cut, [c for c in cut[0] if c != "table"] if cut else ["backend"])
     print(nccl_note)
 
     model_config = load_model_section(Path(args.memory_config))
@@ -536,7 +594,7 @@ def main() -> None:
           f"Seed 002's 7B table is {SEED_RULE_BYTES} bytes per parameter / N:")
     print_table(memory, [c for c in memory[0] if not c.startswith("bytes_") and c not in ("table", "params")])
 
-    write_json("distributed", rows + memory, info=env.info, comparisons=comparisons,
+    write_json("distributed", rows + cut + memory, info=env.info, comparisons=comparisons,
                config={**settings, "size": args.size, "ranks": args.ranks, "threads_per_rank": threads,
                        "nccl_ranks": nccl_ranks, "nccl_note": nccl_note, "memory_config": args.memory_config,
                        "memory_params": n5, "bytes_per_param": BYTES_PER_PARAM, "seed_rule_bytes": SEED_RULE_BYTES})
