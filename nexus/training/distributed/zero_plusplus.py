@@ -8,9 +8,10 @@ on, a slice is a whole number of quantization blocks (``ceil(numel / W)`` rounde
 ``block_size``), so every block, and its one scale, belongs to one parameter: a LayerNorm weight near
 1 never sets the scale of a neighbouring matrix's 0.02-sized entries (the price: up to
 ``block_size - 1`` padding entries per parameter and rank, sent as zeros; small parameters may sit
-on the first ranks only). Rank ``r`` owns row ``r``: the fp32 master copy of those entries and the base optimizer's
-state for them (the base optimizer runs on the row, one flat tensor per param group, so it must be
-elementwise: AdamW, Adam, SGD, Lion, ...).
+on the first ranks only). Rank ``r`` owns row ``r``: the fp32 master copy of those entries and the
+base optimizer's state for them (the base optimizer runs on the row, one flat tensor per param
+group, so it must be elementwise: AdamW, Adam, SGD, Lion, ...). Parameters with
+``requires_grad=False`` are left alone, as a torch optimizer leaves them.
 
 One step (``optimizer.step()`` after ``loss.backward()``):
 
@@ -59,6 +60,21 @@ What the Trainer must do differently:
   ``load_state_dict`` re-slices it for any world size. With ``module=`` the model's parameters are
   freed between blocks: read weights inside ``with optimizer.gathered_parameters():`` (exact fp32
   masters, e.g. for ``model.state_dict()`` or evaluation).
+
+Limits:
+
+- Memory: each rank still holds its whole local ``p.grad`` until ``step()`` (the one all-to-all /
+  reduce-scatter runs there, not bucketed during backward) and, with error feedback, a residual as
+  large as the parameters; ``state_dict()`` gathers every rank's residual (``W`` x the parameters).
+- ``module=``: every gradient path from a block's parameters must leave the block through the
+  tensors its forward returns (inside tuples, lists, dicts, dataclasses or namespaces); a block that
+  stashes a tensor on itself for its parent to read would be backpropagated without its weights.
+  Tied parameters (one tensor in two modules) are refused. Not yet tried with activation
+  checkpointing or ``torch.compile``.
+- A parameter with no gradient on a rank counts as a zero gradient there (as DDP with an expert
+  that got no tokens), so AdamW keeps moving it by its momentum when no rank produced a gradient.
+- qgZ is one world-wide all-to-all (not the paper's intra-node then inter-node pair): quantization
+  error enters once, and the bytes that cross nodes are the same.
 
 Example::
 
@@ -293,7 +309,8 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
         groups = _normalise_groups(params)
         devices = {p.device for g in groups for p in g["params"]}
         if len(devices) != 1:
-            raise ValueError(f"ZeroPlusPlusOptimizer: parameters must be on one device, got {sorted(map(str, devices))}")
+            raise ValueError(f"ZeroPlusPlusOptimizer: parameters must be on one device, "
+                             f"got {sorted(map(str, devices))}")
         self._device = devices.pop()
 
         # the group and the nodes
@@ -347,9 +364,10 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
         self._base = base_optimizer([{"params": [v], **h} for v, h in zip(views, hyper)], **base_kwargs)
 
         self._initialized = False
-        super().__init__([{**bg, "params": list(g["params"])} for g, bg in
-                          zip(groups, ({k: v for k, v in b.items() if k != "params"} for b in self._base.param_groups))],
-                         dict(self._base.defaults))
+        # the groups as the base optimizer completed them (its defaults filled in), over the model's parameters
+        full_groups = [{**{k: v for k, v in b.items() if k != "params"}, "params": list(g["params"])}
+                       for g, b in zip(groups, self._base.param_groups)]
+        super().__init__(full_groups, dict(self._base.defaults))
         self._initialized = True
 
         self._residual: torch.Tensor | None = None  # [W, columns] fp32, qgZ error feedback
@@ -810,8 +828,9 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
                 else:
                     entry[key] = value.clone() if isinstance(value, torch.Tensor) else value
             base_state[gi] = entry
-        self._base.load_state_dict({"state": base_state, "param_groups": [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": [i]} for i, g in enumerate(self._base.param_groups)]})
+        base_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [i]}
+                       for i, g in enumerate(self._base.param_groups)]
+        self._base.load_state_dict({"state": base_state, "param_groups": base_groups})
         if masters is not None:
             by_slot = {s: masters[i] for i, s in index_of.items()}
             full = [by_slot[s].to(self._device) for s in self._slots]
