@@ -235,7 +235,13 @@ def place_model(model: torch.nn.Module, parallel, args: TrainingArguments, devic
         if args.precision in ("fp8", "mxfp8", "fp4"):  # scales agree across the ranks that hold the same layers
             from nexus.training.mixed_precision.fp8 import set_amax_reduction
 
-            set_amax_reduction(model, parallel.dp_group, enabled=parallel.dp_size > 1)
+            group, replicas = parallel.dp_group, parallel.dp_size
+            if parallel.sizes["cp"] > 1:  # cp ranks hold the same layers and see other tokens of each window
+                from nexus.training.distributed.context_parallelism import context_parallel_mesh
+
+                mesh = context_parallel_mesh(parallel)
+                group, replicas = mesh.get_group(), mesh.size()
+            set_amax_reduction(model, group, enabled=replicas > 1)
         if parallel.sizes["pp"] > 1:
             return parallelize_pipeline(model, parallel, _pipeline_loss(args), checkpointing=checkpointing)
         return None, parallelize(model, parallel, checkpointing=checkpointing)
