@@ -647,7 +647,7 @@ def test_seed_example_trains_and_keeps_ranks_identical(runs):
 def test_a_node_size_that_does_not_divide_the_world_is_refused(runs):
     world, results = runs
     for message in results["check_node_size_must_divide_the_world"]:
-        assert "size=3" in message and f"{world} ranks" in message
+        assert "3 ranks per node (config.node_size)" in message and f"{world} ranks" in message
 
 
 # ---------------------------------------------------------------------------------------------

@@ -353,9 +353,6 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
             full = [s.param.detach().reshape(-1).to(torch.float32) for s in self._slots]
             if self._world > 1:
                 flat = torch.cat(full) if full else torch.zeros(0, device=self._device)
-                self._record("broadcast", "init", self._ranks, {r: flat.nbytes for r in range(self._world)
-                                                                  if r != self._rank and self._rank == 0},
-                             in_step=False)
                 dist.broadcast(flat, self._ranks[0], group=self._group)
                 full = list(flat.split([s.numel for s in self._slots]))
             self._master = self._to_rows(full)[self._rank].clone()
@@ -400,8 +397,8 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
         if self._world == 1:
             return 1
         if self._world % size:
-            raise ValueError(f"ZeroPlusPlusOptimizer: {source}={size} ranks per node does not divide the group's "
-                             f"{self._world} ranks; set ZeroPlusPlusConfig.node_size to the ranks per node")
+            raise ValueError(f"ZeroPlusPlusOptimizer: {size} ranks per node ({source}) does not divide the "
+                             f"group's {self._world} ranks; set ZeroPlusPlusConfig.node_size to the ranks per node")
         return size
 
     def _shard_module(self, module: nn.Module) -> None:
@@ -410,7 +407,7 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
             mine = [s for p in sub.parameters(recurse=False) if (s := self._slot_of.get(id(p))) is not None]
             for s in mine:
                 if id(s.param) in owners:
-                    raise ValueError(f"ZeroPlusPlusOptimizer(module=...): parameter {name} is shared with "
+                    raise ValueError(f"ZeroPlusPlusOptimizer(module=...): a parameter of {name} is also one of "
                                      f"{owners[id(s.param)]}; tied parameters cannot be freed per block")
                 owners[id(s.param)] = name or "<root>"
             if not mine:
@@ -453,14 +450,13 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------
     # collectives, counted where called
-    def _record(self, kind: str, phase: str, ranks: list[int], sent: dict[int, int], in_step: bool = True) -> None:
-        """``sent``: bytes to each peer (group rank)."""
+    def _record(self, kind: str, phase: str, ranks: list[int], sent: dict[int, int]) -> None:
+        """One collective of the current step; ``sent``: bytes to each peer (group rank)."""
         node = self._rank // self._node_size
         call = {"kind": kind, "phase": phase, "ranks": tuple(ranks), "bytes": sum(sent.values()),
                 "cross_node_bytes": sum(b for r, b in sent.items() if r // self._node_size != node)}
-        if in_step:
-            self._calls.append(call)
-            self._totals[kind] = self._totals.get(kind, 0) + call["bytes"]
+        self._calls.append(call)
+        self._totals[kind] = self._totals.get(kind, 0) + call["bytes"]
 
     def _all_gather(self, send: torch.Tensor, phase: str, intra_node: bool = False) -> torch.Tensor:
         """send [n] -> [g, n] from the group's (or the node's) ranks, in rank order."""
@@ -745,7 +741,6 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
             return row[None]
         row = row.contiguous()
         out = row.new_empty(self._world * row.numel())
-        self._record("all_gather", "checkpoint", self._ranks, {}, in_step=False)
         dist.all_gather_single(out, row, group=self._group)
         return out.view(self._world, *row.shape)
 
