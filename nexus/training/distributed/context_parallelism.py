@@ -273,6 +273,7 @@ class _RingAttention(torch.autograd.Function):
         ring = _Ring(group)
         q_spans = _chunk_spans(ring.rank, ring.size, q.shape[2], zigzag)
         outs, lses = [None] * len(q_spans), [None] * len(q_spans)
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32  # partials and lse travel and merge in it
         kv = torch.stack((k, v))  # one message per step
         for step in range(ring.size):
             if step < ring.size - 1:  # the next block travels while this one is computed
@@ -287,14 +288,12 @@ class _RingAttention(torch.autograd.Function):
                         q[:, :, qs:qs + qn], kv[0, :, :, ks:ks + kn], kv[1, :, :, ks:ks + kn], causal=mask[0],
                         q_offset=qg, k_offset=kg, softmax_scale=softmax_scale, seq_len=mask[1])
                     if outs[i] is None:
-                        work = torch.float64 if q.dtype == torch.float64 else torch.float32
                         outs[i], lses[i] = out.to(work), lse.to(work)
                     else:
                         outs[i], lses[i] = merge_attention(outs[i], lses[i], out, lse)
             if step < ring.size - 1:
                 _wait(requests)
                 kv = received
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
         for i, (_, _, qn) in enumerate(q_spans):
             if outs[i] is None:  # a chunk of padding that sees no key at all
                 outs[i] = q.new_zeros(q.shape[:2] + (qn, q.shape[3]), dtype=work)
