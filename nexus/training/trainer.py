@@ -563,6 +563,8 @@ class Trainer:
             token_windows = pipeline is not None or (
                 loss_fn is None and hasattr(getattr(inner, "config", None), "n_pred_tokens"))
         self.token_windows = bool(token_windows)
+        if not self.token_windows and self.args.metric_for_best == "val_perplexity":
+            raise ValueError("metric_for_best='val_perplexity' is a token-window model's; this model reports val_loss")
         if self.token_windows and (loss_fn is not None or compute_metrics is not None):
             raise ValueError("loss_fn and compute_metrics apply to models with labels; a token-window model "
                              "(multi-token prediction loss) takes neither: pass token_windows=False")
@@ -810,6 +812,9 @@ class Trainer:
             self.token_windows = True
         self._build_loaders()
         self._data_iter = None
+        if ctx.dp_size > 1 and not isinstance(self._datasets[0], torch.utils.data.Dataset):
+            self._say(f"{what}: the train loader was given as a loader, so each of the {ctx.dp_size} data-parallel "
+                      "ranks reads it whole; give the dataset to have each rank read its share")
         return self
 
     @property
