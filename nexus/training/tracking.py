@@ -245,6 +245,10 @@ class NeptuneTracker(Tracker):
         self.run.stop()
 
 
+_CLEARML_FRAMEWORKS = ("matplotlib", "tensorflow", "tensorboard", "pytorch", "xgboost", "scikit", "fastai", "lightgbm",
+                       "hydra", "detect_repository", "tfdefines", "joblib", "megengine", "catboost", "gradio")
+
+
 class ClearMLTracker(Tracker):
     """A ClearML task in offline mode; its session zip is copied to ``<run_dir>/clearml/`` when closed.
 
@@ -261,9 +265,11 @@ class ClearMLTracker(Tracker):
         clearml = _import("clearml", self.name)
         self.run_dir = Path(run_dir)
         clearml.Task.set_offline(offline_mode=True)
+        # every hook off, the git repository detection too (it runs git in a thread that close() waits for)
+        frameworks = dict.fromkeys(_CLEARML_FRAMEWORKS, False)
         self.task = clearml.Task.init(
             project_name=self.project, task_name=self.run_name or self.run_dir.name, reuse_last_task_id=False,
-            auto_connect_frameworks=False, auto_connect_arg_parser=False, auto_connect_streams=False,
+            auto_connect_frameworks=frameworks, auto_connect_arg_parser=False, auto_connect_streams=False,
             auto_resource_monitoring=False)
         self.task.connect(flatten(config), name="config")
         self.logger = self.task.get_logger()
