@@ -530,6 +530,8 @@ class Trainer:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"Trainer got unknown argument(s) {unknown}; TrainingArguments fields are {sorted(names)}")
+        if isinstance(train_dataset, torch.optim.Optimizer) and optimizer is None and val_dataset is None:
+            train_dataset, optimizer = None, train_dataset  # the older Trainer(model, optimizer, train_loader=...)
         if isinstance(val_dataset, torch.optim.Optimizer) and (optimizer is None or isinstance(optimizer, TrainingArguments)):
             if args is not None:
                 raise TypeError("Trainer(model, data, optimizer, args, <extra>): too many positional arguments")

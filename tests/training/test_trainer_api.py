@@ -604,3 +604,13 @@ def test_with_model_parallel_pipeline_on_two_ranks_equals_one_process(two_ranks,
         assert rank["lm_loss"] == pytest.approx(reference["lm_loss"], abs=1e-4)
         for name, tensor in rank["params"].items():
             torch.testing.assert_close(tensor, reference["params"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_optimizer_in_second_place_with_loader_keywords_still_works(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = Trainer(model, optimizer, train_loader=DataLoader(_data(), batch_size=8), loss_fn=F.cross_entropy,
+                args=_args(tmp_path, max_steps=1))
+    assert t.optimizer is optimizer and t.val_loader is None
+    assert t.train().step == 1
