@@ -459,10 +459,22 @@ def test_static_fp16_loss_scale_and_bf16_autocast(tmp_path):
 STEPS, GLOBAL_BATCH = 3, 8
 
 
-def _dp_run(out_dir, builder=None, **kw):
+class Stack(torch.nn.Module):
+    """The MLP as a list of blocks (``layers``), which FSDP2 shards one by one (ZeRO stages 2 and 3)."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(dim, 16, dtype=torch.float64),
+                                           torch.nn.Linear(16, 2, dtype=torch.float64)])
+
+    def forward(self, x):
+        return self.layers[1](torch.relu(self.layers[0](x)))
+
+
+def _dp_run(out_dir, builder=None, stack=False, **kw):
     """A float64 MLP trained STEPS steps on a global batch of 8 (4 per rank under 2 ranks)."""
     torch.manual_seed(0)
-    model = Classifier(dtype=torch.float64)
+    model = Stack() if stack else Classifier(dtype=torch.float64)
     args = TrainingArguments(output_dir=str(out_dir), progress_bar=False, tensorboard=False, device="cpu",
                              system_metrics=False, max_steps=STEPS, train_batch_size=GLOBAL_BATCH, learning_rate=0.05,
                              max_grad_norm=0.5, warmup_steps=1, save_steps=1000, eval_steps=1000, **kw)
@@ -480,8 +492,12 @@ def _dp_run(out_dir, builder=None, **kw):
 
         trainer.model.register_comm_hook(None, counting_hook)
     result = trainer.train()
-    return {"params": {n: p.detach().clone() for n, p in trainer.unwrapped_model.named_parameters()},
-            "loss": result.metrics["loss"], "dp_size": trainer.parallel.dp_size, "all_reduces": all_reduces}
+    from torch.distributed.tensor import DTensor
+
+    params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+              for n, p in trainer.unwrapped_model.named_parameters()}
+    return {"params": params, "loss": result.metrics["loss"], "dp_size": trainer.parallel.dp_size,
+            "all_reduces": all_reduces, "sharded": trainer.sharded, "optimizer": type(trainer.optimizer).__name__}
 
 
 def _tmp(rank):
@@ -506,6 +522,14 @@ def check_with_mpi(rank, world_size):
     config = MPIConfig(backend=MPIBackend.OpenMPI, init_method="tcp://127.0.0.1:29555", world_size=world_size,
                        rank=rank)
     return _dp_run(_tmp(rank), lambda t: t.with_mpi(config))
+
+
+def check_with_zero_stage2(rank, world_size):
+    return _dp_run(_tmp(rank), lambda t: t.with_zero(ZeROConfig(stage=2)), stack=True)
+
+
+def check_with_zero_stage1(rank, world_size):
+    return _dp_run(_tmp(rank), lambda t: t.with_zero(ZeROConfig(stage=1)))
 
 
 SEQ = 16
@@ -555,7 +579,8 @@ def check_with_model_parallel_pp2(rank, world_size):
 @pytest.fixture(scope="module")
 def two_ranks():
     return run_distributed_checks([check_with_data_parallel, check_with_data_parallel_sync_every_micro_batch,
-                                   check_with_data_parallel_accumulating, check_with_mpi,
+                                   check_with_data_parallel_accumulating, check_with_mpi, check_with_zero_stage2,
+                                   check_with_zero_stage1,
                                    check_with_model_parallel_tp2, check_with_model_parallel_pp2], world_size=2,
                                   timeout=300)
 
@@ -565,7 +590,8 @@ def two_ranks():
                                        ("check_with_data_parallel_sync_every_micro_batch",
                                         dict(gradient_accumulation_steps=2)),
                                        ("check_with_data_parallel_accumulating", dict(gradient_accumulation_steps=2)),
-                                       ("check_with_mpi", {})])
+                                       ("check_with_mpi", {}), ("check_with_zero_stage2", dict(stack=True)),
+                                       ("check_with_zero_stage1", {})])
 def test_data_parallel_builders_on_two_ranks_equal_one_process(two_ranks, tmp_path, check, kw):
     reference = _dp_run(tmp_path, **kw)
     for rank in two_ranks[check]:
@@ -573,6 +599,8 @@ def test_data_parallel_builders_on_two_ranks_equal_one_process(two_ranks, tmp_pa
         assert rank["loss"] == pytest.approx(reference["loss"], abs=1e-12)
         for name, tensor in reference["params"].items():
             torch.testing.assert_close(rank["params"][name], tensor, rtol=0, atol=1e-12)
+        assert rank["sharded"] == (check == "check_with_zero_stage2")  # FSDP2 shard_grad_op: DTensor parameters
+        assert (rank["optimizer"] == "ZeroRedundancyOptimizer") == (check == "check_with_zero_stage1")
 
 
 @spawns
