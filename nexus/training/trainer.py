@@ -1,7 +1,13 @@
-"""The training loop: accumulation, autocast, clipping, evaluation, checkpoints, logging.
+"""The training loop: accumulation, autocast, clipping, evaluation, checkpoints, logging; seed 003's
+arguments and builders (``with_data_parallel``, ``with_model_parallel``, ``with_zero``, ``with_qat``,
+``with_mpi``, ``with_rlhf``) on the run file's machinery.
 
 Example::
-    trainer = Trainer(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    args = TrainingArguments(num_epochs=3, train_batch_size=32, learning_rate=1e-4, eval_steps=500)
+    trainer = Trainer(model, train_dataset, val_dataset, optimizer, args, loss_fn=F.cross_entropy)
+    trainer.train()
+
+    trainer = Trainer(model=model, optimizer=optimizer, lr_scheduler=scheduler,   # seed 004's keywords
                       train_loader=train_loader, val_loader=val_loader,
                       gradient_accumulation_steps=8, checkpoint_dir="./checkpoints")
     trainer.train(max_steps=100000)
