@@ -642,3 +642,19 @@ def test_optimizer_in_second_place_with_loader_keywords_still_works(tmp_path):
                 args=_args(tmp_path, max_steps=1))
     assert t.optimizer is optimizer and t.val_loader is None
     assert t.train().step == 1
+
+
+def test_auto_schedule_warms_up_over_warmup_steps_then_decays_to_min_lr(tmp_path):
+    import math
+
+    t = Trainer(Classifier(), _data(), None, None,
+                _args(tmp_path, max_steps=4, warmup_steps=2, learning_rate=0.1, min_lr=0.01), loss_fn=F.cross_entropy)
+    t.train()
+    logged = [r["lr"] for r in _records(tmp_path) if "lr" in r]
+
+    def expected(step):  # linear warmup to the peak, then half a cosine down to min_lr at max_steps
+        if step <= 2:
+            return 0.1 * step / 2
+        return 0.01 + 0.5 * (0.1 - 0.01) * (1 + math.cos(math.pi * (step - 2) / (4 - 2)))
+
+    assert logged == pytest.approx([expected(s) for s in (1, 2, 3, 4)], rel=1e-9)
