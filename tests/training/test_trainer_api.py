@@ -658,3 +658,15 @@ def test_auto_schedule_warms_up_over_warmup_steps_then_decays_to_min_lr(tmp_path
         return 0.01 + 0.5 * (0.1 - 0.01) * (1 + math.cos(math.pi * (step - 2) / (4 - 2)))
 
     assert logged == pytest.approx([expected(s) for s in (1, 2, 3, 4)], rel=1e-9)
+
+
+def test_max_grad_norm_clips_the_total_gradient_norm(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier()
+    before = [p.detach().clone() for p in model.parameters()]
+    t = Trainer(model, _data(), None, torch.optim.SGD(model.parameters(), lr=1.0),
+                _args(tmp_path, max_steps=1, max_grad_norm=0.01), lr_scheduler=None, loss_fn=F.cross_entropy)
+    result = t.train()
+    assert result.metrics["grad_norm"] > 0.01  # the norm before clipping is what is logged
+    step = torch.linalg.vector_norm(torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]))
+    assert step.item() == pytest.approx(0.01, rel=1e-4)  # SGD lr 1: the update is the clipped gradient
