@@ -471,15 +471,17 @@ class Stack(torch.nn.Module):
         return self.layers[1](torch.relu(self.layers[0](x)))
 
 
-def _dp_run(out_dir, builder=None, stack=False, **kw):
-    """A float64 MLP trained STEPS steps on a global batch of 8 (4 per rank under 2 ranks)."""
+def _dp_run(out_dir, builder=None, stack=False, metrics=False, **kw):
+    """A float64 MLP trained STEPS steps on a global batch of 8 (4 per rank under 2 ranks); with ``metrics``
+    then evaluated with compute_metrics on 16 validation rows."""
     torch.manual_seed(0)
     model = Stack() if stack else Classifier(dtype=torch.float64)
     args = TrainingArguments(output_dir=str(out_dir), progress_bar=False, tensorboard=False, device="cpu",
                              system_metrics=False, max_steps=STEPS, train_batch_size=GLOBAL_BATCH, learning_rate=0.05,
                              max_grad_norm=0.5, warmup_steps=1, save_steps=1000, eval_steps=1000, **kw)
-    trainer = Trainer(model, _data(dtype=torch.float64), None, torch.optim.AdamW(model.parameters(), lr=0.05), args,
-                      loss_fn=F.cross_entropy)
+    val = _data(16, seed=4, dtype=torch.float64) if metrics else None
+    trainer = Trainer(model, _data(dtype=torch.float64), val, torch.optim.AdamW(model.parameters(), lr=0.05), args,
+                      loss_fn=F.cross_entropy, compute_metrics=M.combine(M.accuracy, M.f1) if metrics else None)
     if builder is not None:
         trainer = builder(trainer)
     all_reduces = []
@@ -497,6 +499,7 @@ def _dp_run(out_dir, builder=None, stack=False, **kw):
     params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
               for n, p in trainer.unwrapped_model.named_parameters()}
     return {"params": params, "loss": result.metrics["loss"], "dp_size": trainer.parallel.dp_size,
+            "evaluation": trainer.evaluate() if metrics else None,
             "all_reduces": all_reduces, "sharded": trainer.sharded, "optimizer": type(trainer.optimizer).__name__}
 
 
@@ -507,7 +510,7 @@ def _tmp(rank):
 
 
 def check_with_data_parallel(rank, world_size):
-    return _dp_run(_tmp(rank), lambda t: t.with_data_parallel())
+    return _dp_run(_tmp(rank), lambda t: t.with_data_parallel(), metrics=True)
 
 
 def check_with_data_parallel_sync_every_micro_batch(rank, world_size):
@@ -586,7 +589,7 @@ def two_ranks():
 
 
 @spawns
-@pytest.mark.parametrize("check, kw", [("check_with_data_parallel", {}),
+@pytest.mark.parametrize("check, kw", [("check_with_data_parallel", dict(metrics=True)),
                                        ("check_with_data_parallel_sync_every_micro_batch",
                                         dict(gradient_accumulation_steps=2)),
                                        ("check_with_data_parallel_accumulating", dict(gradient_accumulation_steps=2)),
@@ -597,6 +600,9 @@ def test_data_parallel_builders_on_two_ranks_equal_one_process(two_ranks, tmp_pa
     for rank in two_ranks[check]:
         assert rank["dp_size"] == 2
         assert rank["loss"] == pytest.approx(reference["loss"], abs=1e-12)
+        if reference["evaluation"] is not None:  # val loss and task metrics over both ranks' shares
+            assert set(rank["evaluation"]) == {"val_loss", "val_accuracy", "val_f1"}
+            assert rank["evaluation"] == pytest.approx(reference["evaluation"], abs=1e-12)
         for name, tensor in reference["params"].items():
             torch.testing.assert_close(rank["params"][name], tensor, rtol=0, atol=1e-12)
         assert rank["sharded"] == (check == "check_with_zero_stage2")  # FSDP2 shard_grad_op: DTensor parameters
