@@ -500,10 +500,30 @@ def write_plots(study, folder: str | Path) -> list[Path]:
 
 # ---- Ray Tune -----------------------------------------------------------------------------------
 def init_ray(num_cpus: int | None = None) -> None:
-    """Start a local Ray (no dashboard, no usage statistics) unless one is already running."""
+    """Start a local Ray on 127.0.0.1 (no dashboard, no usage statistics) unless one is already running
+    (``ray.init(address=...)`` first to use a cluster)."""
     ray = _ray()
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # on loopback: nothing listens on, or connects to, another address
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _node_ip_address="127.0.0.1")
+
+
+def _ship_by_value(objective: Callable) -> None:
+    """Let Ray's workers run ``objective`` even where its module cannot be imported (a script, a test
+    file, a cluster node without the user's code): cloudpickle sends that module's code by value.
+    Modules of installed packages (site-packages) travel by reference as usual."""
+    import sys
+
+    from ray import cloudpickle  # Ray pickles with its own copy of cloudpickle
+
+    module = sys.modules.get(getattr(objective, "__module__", None) or "")
+    path = getattr(module, "__file__", None) or ""
+    if module is None or module.__name__ == "__main__" or "site-packages" in path or "dist-packages" in path:
+        return
+    if module.__name__.split(".")[0] == __name__.split(".")[0]:  # nexus itself is installed beside Ray
+        return
+    cloudpickle.register_pickle_by_value(module)
 
 
 def to_ray_domain(name: str, distribution):
@@ -578,13 +598,14 @@ def ray_tune_search(objective: Callable, space: Mapping, n_trials: int = 20, *, 
     elif scheduler is not None:
         raise ValueError(f"scheduler must be None or 'asha', got {scheduler!r}")
     init_ray(num_cpus)
+    _ship_by_value(objective)
     trainable = tune.with_resources(
         tune.with_parameters(_ray_objective, objective=objective, names=list(distributions), metric=metric),
         {"cpu": cpus_per_trial})
     storage_path = output_dir or Path(tempfile.mkdtemp(prefix="nexus_ray_"))
     tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
         search_alg=searcher, scheduler=trial_scheduler, num_samples=n_trials, metric=metric, mode=mode,
-        max_concurrent_trials=max_concurrent),
+        max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name="ray_tune", storage_path=str(storage_path), verbose=0))
     grid = tuner.fit()
     study = optuna.load_study(study_name="nexus", storage=storage)
@@ -670,6 +691,7 @@ def population_based_training(objective: Callable, space: Mapping, *, population
                                         hyperparam_mutations=dict(mutation_space), quantile_fraction=quantile_fraction,
                                         resample_probability=resample_probability, synch=True)
     init_ray(num_cpus)
+    _ship_by_value(objective)
     trainable = tune.with_resources(
         tune.with_parameters(_pbt_trainable, objective=objective, names=list(distributions)), {"cpu": cpus_per_member})
     output_dir = Path(output_dir).resolve() if output_dir is not None else None
