@@ -651,9 +651,9 @@ class Trainer:
         train, val = self._datasets
         rank, size = self.parallel.dp_rank, self.parallel.dp_size
         self._epoch_batches = None  # micro-batches per pass over a map-style train dataset (its stream is endless)
-        for name, batch in (("train_batch_size", self.args.train_batch_size),
-                            ("eval_batch_size", self.args.eval_batch_size or self.args.train_batch_size)):
-            if batch % size:
+        for name, batch, dataset in (("train_batch_size", self.args.train_batch_size, train),
+                                     ("eval_batch_size", self.args.eval_batch_size or self.args.train_batch_size, val)):
+            if isinstance(dataset, Dataset) and batch % size:  # loaders given are used as they are
                 raise ValueError(f"{name} {batch} is not divisible by the {size} data-parallel ranks")
         local = self.args.train_batch_size // size
         local_eval = (self.args.eval_batch_size or self.args.train_batch_size) // size
