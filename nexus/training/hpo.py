@@ -864,11 +864,15 @@ class RunObjective:
 
         from nexus.config import config_from_dict
 
+        from nexus.training.trainer import SYNONYMS
+
+        partner = {**SYNONYMS, **{name: synonym for synonym, name in SYNONYMS.items()}}
         raw = copy.deepcopy(self.raw)
         for key, value in params.items():
             section, field = key.split(".")
-            raw.setdefault(section, {})
-            raw[section] = dict(raw[section] or {})
+            raw[section] = dict(raw.get(section) or {})
+            if section == "training":  # the trial's value replaces the file's under either spelling
+                raw[section].pop(partner.get(field), None)
             raw[section][field] = value
         raw["training"] = {**(raw.get("training") or {}), "output_dir": str(trial_dir), "progress_bar": False}
         return config_from_dict(raw, f"{self.source} (trial values {params})")

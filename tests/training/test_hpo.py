@@ -268,3 +268,24 @@ def test_pruning_callback_feeds_the_trainers_evaluations_and_stops_it(tmp_path):
     assert callback.pruned and result.step == 2 and result.stop_reason == "callback"
     assert study.trials[0].intermediate_values == {2: pytest.approx(callback.last)}
     assert callback.last == pytest.approx(trainer.evaluate()["val_loss"])  # the Trainer's own evaluation
+
+
+def test_trial_values_replace_the_run_files_under_either_spelling(tmp_path):
+    """configs/hpo_tiny.yaml loads; a trial's training.max_lr replaces the file's learning_rate (its synonym)."""
+    import yaml
+
+    from nexus.config import ConfigError, load_config
+
+    cfg = load_config("configs/hpo_tiny.yaml")
+    assert cfg.hpo.n_trials == 4 and cfg.hpo.search_space()["training.max_lr"] == (3e-4, 1e-2, "log")
+    raw = yaml.safe_load(Path("configs/hpo_tiny.yaml").read_text())
+    raw.pop("hpo")
+    raw["training"]["learning_rate"] = raw["training"].pop("max_lr")  # the file spells it the seed-003 way
+    objective = hpo.RunObjective(raw, cfg.hpo, tmp_path, "hpo_tiny.yaml")
+    trial_cfg = objective.run_config({"training.max_lr": 0.005, "optimizer.type": "lion"}, tmp_path / "trial_0")
+    assert trial_cfg.training.learning_rate == 0.005 and trial_cfg.optimizer.type == "lion"
+    assert trial_cfg.training.output_dir == str(tmp_path / "trial_0")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path("configs/hpo_tiny.yaml").read_text().replace("optimizer.type:", "optimizer.tpye:"))
+    with pytest.raises(ConfigError, match="hpo: space: 'optimizer.tpye': optimizer has no key 'tpye'"):
+        load_config(bad)
