@@ -1117,8 +1117,10 @@ class Trainer:
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         stop = float(self._stops.requested is not None)
+        # on the loss's device: with FSDP2's CPU offload the gradients (and their norm) live on the CPU
+        grad_norm = grad_norm.to(loss.device)
         values = torch.stack([loss.float(), lm_loss.float(), grad_norm.float(),
-                              found_inf.float() if found_inf is not None else grad_norm.new_zeros(()),
+                              found_inf.float().to(loss.device) if found_inf is not None else grad_norm.new_zeros(()),
                               grad_norm.new_tensor(stop, dtype=torch.float32)])
         world = self.parallel.world_size
         if world > 1:
@@ -1217,7 +1219,12 @@ class Trainer:
                 self.optimizer.consolidate_state_dict(to=0)
             if self.is_main or not hasattr(self.optimizer, "consolidate_state_dict"):
                 optimizer = self.optimizer.state_dict()
-            state.update(model=self.unwrapped_model.state_dict(), optimizer=optimizer)
+            if hasattr(self.optimizer, "gathered_parameters"):  # ZeRO++: exact fp32 masters, not qwZ's copy
+                with self.optimizer.gathered_parameters():
+                    model = {k: v.clone() for k, v in self.unwrapped_model.state_dict().items()}
+            else:
+                model = self.unwrapped_model.state_dict()
+            state.update(model=model, optimizer=optimizer)
         return state
 
     def _write_checkpoint(self, path: Path, write) -> None:

@@ -452,7 +452,77 @@ def check_node_size_must_divide_the_world(rank: int, world_size: int) -> str:
     return "no error"
 
 
-CHECKS = (check_node_size_must_divide_the_world, check_unquantized_matches_adamw, check_quantized_follows_adamw,
+class InplaceNet(nn.Module):
+    """OddNet's shape with in-place ops on block outputs (ReLU(inplace=True), h += ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.act, self.out = nn.Linear(IN, 11), nn.ReLU(inplace=True), nn.Linear(11, OUT)
+
+    def forward(self, x):
+        h = self.inp(x[:, :IN])  # a block's output, changed in place twice
+        h += 0.5
+        pred = self.out(self.act(h))
+        return SimpleNamespace(loss=(pred - x[:, IN:]).pow(2).mean(), pred=pred)
+
+
+def check_overflow_inplace_and_exact_weights(rank: int, world_size: int) -> dict:
+    """Three things a Trainer run meets: (1) a step the fp16 loss scaler skips (an inf gradient on one
+    rank: clip_grad_norm_ ran, step() did not) leaves the error-feedback residual finite and the next
+    step equal to a run that never saw it; (2) module= with in-place ops on block outputs trains and
+    equals AdamW; (3) without module, gathered_parameters() shows the exact fp32 masters and puts qwZ's
+    quantized working copy back after."""
+    out = {}
+    runs = []
+    for overflow in (False, True):
+        model = make(OddNet)
+        opt = ZeroPlusPlusOptimizer(param_groups(model), config=ZeroPlusPlusConfig(), lr=LR)
+        for step in range(3):
+            if step == 1 and not overflow:  # the reference never sees batch 1
+                continue
+            if step == 1:  # a skipped step: local grads with inf, the scaler skips step()
+                model(my_rows(global_batch(step, world_size), rank)).loss.backward()
+                if rank == 0:
+                    model.inp.weight.grad[0, 0] = float("inf")
+                opt.clip_grad_norm_(1.0)
+                opt.zero_grad()
+                continue
+            model(my_rows(global_batch(step, world_size), rank)).loss.backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+        runs.append((whole(opt, model), bool(torch.isfinite(opt._residual).all())))
+    out["skipped_step_diff"] = max_diff(runs[0][0], runs[1][0])
+    out["residual_finite"] = runs[1][1]
+
+    model, ref = make(InplaceNet), make(InplaceNet)
+    opt = ZeroPlusPlusOptimizer(model.parameters(), config=ZeroPlusPlusConfig(**UNQUANTIZED), module=model, lr=LR)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
+    for step in range(3):
+        batch = global_batch(step, world_size)
+        model(my_rows(batch, rank)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref(batch).loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    out["inplace_diff"] = max_diff(whole(opt, model), dict(ref.named_parameters()))
+
+    model = make(OddNet)
+    opt = ZeroPlusPlusOptimizer(model.parameters(), config=ZeroPlusPlusConfig(), lr=LR)
+    model(my_rows(global_batch(0, world_size), rank)).loss.backward()
+    opt.step()
+    working = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exact = whole(opt, model)
+    masters = opt.state_dict()["zero_plusplus"]["master"]
+    out["exact_is_master"] = all(torch.equal(exact[n], masters[i].to(exact[n].dtype))
+                                 for i, (n, _) in enumerate(model.named_parameters()))
+    out["working_is_quantized"] = max_diff(working, exact) > 0
+    out["working_restored"] = max_diff(working, dict(model.named_parameters())) == 0
+    return out
+
+
+CHECKS = (check_overflow_inplace_and_exact_weights, check_node_size_must_divide_the_world, check_unquantized_matches_adamw, check_quantized_follows_adamw,
           check_error_feedback_reduces_accumulated_error,
           check_hpz_groups_bytes_and_values, check_state_dict_round_trip, check_seed_example,
           check_moe_model_under_zero3)
@@ -766,3 +836,14 @@ def test_whole_matrix_and_unknown_base_optimizers_are_refused():
         ZeroPlusPlusOptimizer(model.parameters(), base_optimizer=Custom, lr=LR)
     with pytest.raises(NotImplementedError):
         ZeroPlusPlusOptimizer(model.parameters(), lr=LR).add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+
+
+@spawns
+def test_skipped_steps_inplace_blocks_and_exact_weights_for_checkpoints(runs):
+    _, ranks = runs
+    for r in ranks["check_overflow_inplace_and_exact_weights"]:
+        assert r["residual_finite"]
+        # the skipped step's quantization error is not carried: the run continues as if it never happened
+        assert r["skipped_step_diff"] == 0.0
+        assert r["inplace_diff"] < ATOL
+        assert r["exact_is_master"] and r["working_is_quantized"] and r["working_restored"]

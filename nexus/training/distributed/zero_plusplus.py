@@ -190,7 +190,9 @@ class _RegatherBeforeBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, owner, block, *tensors):
         ctx.owner, ctx.block = owner, block
-        return tuple(t.view_as(t) for t in tensors)
+        # detach, not view_as: autograd refuses in-place ops (ReLU(inplace=True), h += x) on a custom
+        # Function's views; a detached alias is a fresh output of this Function
+        return tuple(t.detach() for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -368,6 +370,7 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
         self._initialized = True
 
         self._residual: torch.Tensor | None = None  # [W, columns] fp32, qgZ error feedback
+        self._pending_residual: torch.Tensor | None = None  # this step's, until step() commits it
         self._reduced: torch.Tensor | None = None  # [columns] fp32, averaged gradient of this rank's row
         self._calls: list[dict] = []
         self._last_step_calls: list[dict] = []
@@ -597,8 +600,12 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
                     rows = rows + self._residual
                 packed = self._quantize(rows, fmt)  # one self-contained row per destination
                 if ef:
-                    self._residual = rows - self._dequantize(packed, self._columns, fmt)
-                    self._residual[self._rank] = 0.0  # the own row is not quantized
+                    # committed by step(): a step the loss scaler skips (inf/NaN gradients) must not leave
+                    # NaN in the residual, and a non-finite block keeps its previous residual
+                    residual = rows - self._dequantize(packed, self._columns, fmt)
+                    residual[self._rank] = 0.0  # the own row is not quantized
+                    old = self._residual if self._residual is not None else torch.zeros_like(residual)
+                    self._pending_residual = torch.where(torch.isfinite(residual), residual, old)
                 recv = torch.empty_like(packed)
                 self._record("all_to_all", "gradients", self._ranks,
                              {r: packed[r].nbytes for r in range(self._world) if r != self._rank})
@@ -646,6 +653,8 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
         for base_group in self._base.param_groups:
             base_group["params"][0].grad = None
         self._reduced = None
+        if self._pending_residual is not None:
+            self._residual, self._pending_residual = self._pending_residual, None
         if self._blocks:
             for block in self._blocks:  # the weights changed: every copy is stale
                 block.secondary = None
@@ -659,6 +668,7 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._reduced = None
+        self._pending_residual = None  # a skipped step's quantization error is not carried
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -715,11 +725,25 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def gathered_parameters(self) -> Iterator[None]:
-        """With ``module=``: every parameter whole (exact fp32 masters, in the parameter's dtype) inside
-        the block, freed after. Without ``module`` the weights are whole anyway. Collective: every rank
-        must enter it."""
+        """Every parameter holds the exact fp32 master (in the parameter's dtype) inside the block: with
+        ``module=`` gathered then freed after; without it, qwZ's dequantized working copy is set aside
+        and put back after (what checkpoints and exports should read). Collective: every rank must
+        enter it."""
         if not self._blocks:
-            yield
+            if self._world == 1 or not self.config.quantize_weights:
+                yield
+                return
+            with torch.no_grad():
+                working = [s.param.detach().clone() for s in self._slots]
+                rows = self._gather_exact(self._master)
+                for s in self._slots:
+                    s.param.detach().copy_(self._from_rows(rows, s, s.offset))
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for s, w in zip(self._slots, working):
+                        s.param.detach().copy_(w)
             return
         with torch.no_grad():
             rows = self._gather_exact(self._master)
@@ -836,7 +860,7 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
             full = [s.param.detach() for s in self._slots]
         self._master.copy_(self._to_rows(full)[self._rank])
         residual = extra.get("residual")
-        self._residual = None
+        self._residual = self._pending_residual = None
         if residual is not None and len(residual) == self._world and self.config.quantize_gradients \
                 and self.config.error_feedback:
             mine = residual[self._rank]
