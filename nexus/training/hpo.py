@@ -500,13 +500,13 @@ def write_plots(study, folder: str | Path) -> list[Path]:
 
 # ---- Ray Tune -----------------------------------------------------------------------------------
 def init_ray(num_cpus: int | None = None) -> None:
-    """Start a local Ray on 127.0.0.1 (no dashboard, no usage statistics) unless one is already running
+    """Start a local one-node Ray (no dashboard, no usage statistics) unless one is already running
     (``ray.init(address=...)`` first to use a cluster)."""
     ray = _ray()
     if not ray.is_initialized():
-        # on loopback: nothing listens on, or connects to, another address
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 _node_ip_address="127.0.0.1")
+        # a one-node Ray: its processes talk to each other only (Ray refuses 127.0.0.1 as a node address and
+        # uses this machine's own interface address instead)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def _ship_by_value(objective: Callable) -> None:
