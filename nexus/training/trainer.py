@@ -409,17 +409,6 @@ class MPIConfig:
         return self.rank or 0, world, 0
 
 
-def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict:
-    """``optimizer.defaults`` that its constructor takes (torch's AdamW keeps ``decoupled_weight_decay`` there
-    but does not accept it)."""
-    import inspect
-
-    params = inspect.signature(type(optimizer).__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(optimizer.defaults)
-    return {k: v for k, v in optimizer.defaults.items() if k in params}
-
-
 def _ddp_config():
     from nexus.training.distributed.mesh import DistributedConfig
 
@@ -816,7 +805,9 @@ class Trainer:
             groups = [{**{k: v for k, v in g.items() if k != "params"},
                        "params": [placed_params[names[id(p)]] for p in g["params"] if names[id(p)] in placed_params]}
                       for g in optimizer.param_groups]
-            optimizer = type(optimizer)([g for g in groups if g["params"]], **_constructor_defaults(optimizer))
+            from nexus.training.distributed.zero import constructor_defaults
+
+            optimizer = type(optimizer)([g for g in groups if g["params"]], **constructor_defaults(optimizer))
         if ctx.distributed:
             from nexus.training.distributed.zero import shard_optimizer
 
