@@ -5,9 +5,10 @@ for every query, so the K/V blocks travel round the ring: at step s rank r compu
 the block of rank r - s (``nexus_kernels.block_attention_forward``, masks in global positions) while
 the next block is already in flight (``batch_isend_irecv``); the partial outputs merge exactly through
 their log-sum-exp (``merge_attention``). Backward sends the K/V blocks round again, and with them the
-dK/dV accumulated so far, which reach their owner after a full turn. Partial outputs, log-sum-exps
-and travelling dK/dV stay float32 (float64 for float64 inputs): public rings that keep bf16 partials
-see their error grow with the ring (ring-flash-attention #42).
+dK/dV accumulated so far, which reach their owner after a full turn. Each block's partial output is
+rounded once to the input dtype by the attention kernel; the running merge, the log-sum-exps and the
+travelling dK/dV stay float32 (float64 for float64 inputs), so the error does not compound with the
+ring size as it does in public rings that merge in bf16 (ring-flash-attention #42).
 
 Layout. A sequence of S tokens is padded to a multiple of the chunk count and cut into chunks. With
 causal attention there are 2P chunks and rank i holds chunks i and 2P-1-i (zigzag): an early chunk
