@@ -522,7 +522,27 @@ def check_overflow_inplace_and_exact_weights(rank: int, world_size: int) -> dict
     return out
 
 
-CHECKS = (check_overflow_inplace_and_exact_weights, check_node_size_must_divide_the_world, check_unquantized_matches_adamw, check_quantized_follows_adamw,
+def check_node_size_of_a_subgroup(rank: int, world_size: int) -> dict | None:
+    """A data-parallel subgroup (as beside tensor parallel): nodes are counted among its own members.
+    At 4 ranks in 2 nodes of 2: strided groups {0, 2}, {1, 3} have one member per node; blocked groups
+    {0, 1}, {2, 3} sit inside one node each."""
+    import torch.distributed as dist
+
+    if world_size != 4:
+        return None
+    sizes = {}
+    for name, groups in (("strided", ([0, 2], [1, 3])), ("blocked", ([0, 1], [2, 3]))):
+        mine = None
+        for members in groups:  # every rank creates every group, in the same order
+            group = dist.new_group(members)
+            if rank in members:
+                mine = group
+        opt = ZeroPlusPlusOptimizer(make(OddNet).parameters(), config=ZeroPlusPlusConfig(), process_group=mine, lr=LR)
+        sizes[name] = opt._node_size
+    return sizes
+
+
+CHECKS = (check_node_size_of_a_subgroup, check_overflow_inplace_and_exact_weights, check_node_size_must_divide_the_world, check_unquantized_matches_adamw, check_quantized_follows_adamw,
           check_error_feedback_reduces_accumulated_error,
           check_hpz_groups_bytes_and_values, check_state_dict_round_trip, check_seed_example,
           check_moe_model_under_zero3)
@@ -847,3 +867,10 @@ def test_skipped_steps_inplace_blocks_and_exact_weights_for_checkpoints(runs):
         assert r["skipped_step_diff"] == 0.0
         assert r["inplace_diff"] < ATOL
         assert r["exact_is_master"] and r["working_is_quantized"] and r["working_restored"]
+
+
+@spawns
+def test_a_subgroup_counts_its_own_members_per_node(runs):
+    world, ranks = runs
+    for r in ranks["check_node_size_of_a_subgroup"]:
+        assert r == ({"strided": 1, "blocked": 2} if world == 4 else None)

@@ -397,6 +397,17 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
             env = launch_env()  # torchrun's LOCAL_WORLD_SIZE or OpenMPI's OMPI_COMM_WORLD_LOCAL_SIZE
             size, source = ((env.local_world_size, "the launcher's local world size") if env.launcher != "none"
                             else (self._world, "the group size"))
+            if env.launcher != "none" and self._world > 1:
+                # the launcher counts the world's ranks per node; this group may hold only some of them
+                # (data parallel beside tensor parallel): count its own members per node, by global rank
+                nodes = [g // env.local_world_size for g in self._ranks]
+                per_node = nodes.count(nodes[self._rank])
+                if any(nodes.count(n) != per_node for n in nodes) or any(
+                        nodes[i] != nodes[i - i % per_node] for i in range(len(nodes))):
+                    raise ValueError(f"ZeroPlusPlusOptimizer: the group's ranks {self._ranks} do not split into "
+                                     f"consecutive, equal runs per node of {env.local_world_size} ranks; set "
+                                     "ZeroPlusPlusConfig.node_size (group members per node)")
+                size, source = per_node, "the group's members per node"
         if self._world == 1:
             return 1
         if self._world % size:
