@@ -22,6 +22,18 @@ Example::
                                                             acquisition_fn=AcquisitionFunction.ExpectedImprovement))
     result.best_params, result.best_value, result.study
 
+A Trainer factory can be the objective's body; ``PruningCallback`` feeds its evaluations to the pruner::
+
+    def objective(params, trial):
+        args = TrainingArguments(learning_rate=params["learning_rate"], warmup_steps=params["warmup_steps"],
+                                 max_steps=200, eval_steps=20, output_dir=f"runs/hpo/trial_{trial.number}")
+        pruning = PruningCallback(trial, "val_loss")
+        trainer = Trainer(build_model(), train_dataset, val_dataset, None, args, callbacks=[pruning])
+        trainer.train()
+        if pruning.pruned:
+            raise TrialPruned()
+        return pruning.last
+
 Optuna is the ``[hpo]`` extra (``pip install 'nexus-train[hpo]'``), as is Ray Tune.
 """
 from __future__ import annotations
