@@ -330,6 +330,24 @@ RATIO_NOTE = ("ratio = time / {baseline} time in the same round; median of {pair
 
 # ---- device -----------------------------------------------------------------------------------
 
+def bandwidth_rows(arms: Mapping[str, Callable[[], Any]], *, group: Mapping[str, Any], absent: Mapping[str, str],
+                   nbytes: int, measure: Callable[[Callable[[], Any]], float], pairs: int, max_spread: float,
+                   copy_bw: float, rows: list, comparisons: list) -> None:
+    """Time ``arms`` in alternation against ``"reference"`` and append a row per arm to ``rows`` (ms, GB/s
+    of ``nbytes`` moved, % of the copy bandwidth, ratio cells) and the pairs to ``comparisons``; the
+    ``absent`` arms (impl -> why) get a row with that verdict first. ``group``: the row's other columns."""
+    rows.extend({"impl": impl, **group, "verdict": why} for impl, why in absent.items())
+    result = compare(arms, baseline="reference", pairs=pairs, measure=measure, max_spread=max_spread)
+    comparisons.extend(result.to_json("/".join(str(v) for v in group.values())))
+    for impl in arms:
+        row = {"impl": impl, **group}
+        if impl in result.times:
+            seconds = result.median_s(impl)
+            bw = gbps(nbytes, seconds)
+            row.update({"ms": seconds * 1e3, "GB/s": bw, "% copy": 100 * bw / copy_bw})
+        rows.append({**row, **result.cells(impl)})
+
+
 def gbps(nbytes: int, seconds: float) -> float:
     """Achieved bandwidth in GB/s (1e9 bytes) for ``nbytes`` read plus written in ``seconds``."""
     return nbytes / seconds / 1e9 if seconds > 0 else float("nan")

@@ -23,7 +23,7 @@ import argparse
 
 import torch
 
-from bench._common import RATIO_NOTE, add_pair_arguments, blocked_timer, compare, gbps, print_table, setup, write_json
+from bench._common import RATIO_NOTE, add_pair_arguments, bandwidth_rows, blocked_timer, print_table, setup, write_json
 from nexus_kernels import forced
 from nexus_kernels.comm_quant import (
     COMM_FORMATS,
@@ -132,17 +132,8 @@ def main() -> None:
     rows_out, comparisons = [], []
 
     def run(group: dict, arms: dict, absent: dict, nbytes: int) -> None:
-        """Time ``arms`` in alternation against "reference"; ``absent`` rows (impl -> why) come first."""
-        rows_out.extend({"impl": impl, **group, "verdict": why} for impl, why in absent.items())
-        result = compare(arms, baseline="reference", pairs=args.pairs, measure=measure, max_spread=args.max_spread)
-        comparisons.extend(result.to_json("/".join(str(v) for v in group.values())))
-        for impl in arms:
-            row = {"impl": impl, **group}
-            if impl in result.times:
-                seconds = result.median_s(impl)
-                bw = gbps(nbytes, seconds)
-                row.update({"ms": seconds * 1e3, "GB/s": bw, "% copy": 100 * bw / env.copy_bw})
-            rows_out.append({**row, **result.cells(impl)})
+        bandwidth_rows(arms, group=group, absent=absent, nbytes=nbytes, measure=measure, pairs=args.pairs,
+                       max_spread=args.max_spread, copy_bw=env.copy_bw, rows=rows_out, comparisons=comparisons)
 
     for dtype in (torch.bfloat16, torch.float32) if env.on_gpu else (torch.float32,):
         for size in sizes:

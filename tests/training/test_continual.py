@@ -2,8 +2,6 @@
 the anchors (offline and online), less forgetting than plain fine-tuning (EWC, online EWC, replay, LwF),
 reservoir sampling's uniformity, progressive networks' frozen columns, and task boundaries in the Trainer."""
 import copy
-import dataclasses
-import types
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from nexus.data.sampler import ResumableShuffleSampler
 from nexus.training.continual import EWC, LwF, ProgressiveNetwork, ReplayBuffer
 from nexus.training.trainer import Trainer, TrainingArguments
+from tests.training.tiny_lm import SEQ, VOCAB, TinyLM
 
 
 def mlp(seed=0, dtype=torch.float32, hidden=32):
@@ -235,27 +234,6 @@ def test_progressive_network_freezes_old_columns_and_uses_laterals(one_thread):
 
 
 # ---- task boundaries in the Trainer ---------------------------------------------------------------
-VOCAB, SEQ = 16, 6
-
-
-@dataclasses.dataclass
-class Out:
-    logits: torch.Tensor
-    mtp_logits: tuple
-    aux_loss: None = None
-
-
-class TinyLM(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(VOCAB, 12)
-        self.head = torch.nn.Linear(12, VOCAB)
-        self.config = types.SimpleNamespace(n_pred_tokens=1)  # a token-window model to the Trainer
-
-    def forward(self, ids):
-        return Out(self.head(torch.tanh(self.embed(ids))), ())
-
-
 def token_task(offset, n=32, seed=0):
     """Windows counting up from a task-specific offset (mod VOCAB): next-token prediction differs per task."""
     g = torch.Generator().manual_seed(seed)

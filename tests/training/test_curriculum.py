@@ -2,7 +2,6 @@
 curricula order by length / difficulty and advance as configured from the Trainer's metrics, self-paced weights
 follow the losses, and a resumed Trainer run draws exactly the samples of the uninterrupted one."""
 import collections
-import dataclasses
 import math
 import types
 
@@ -12,6 +11,7 @@ import torch
 from nexus.data.sampler import CurriculumSampler
 from nexus.training.curriculum import DifficultyCurriculum, LengthCurriculum, SelfPacedCurriculum
 from nexus.training.trainer import Trainer, TrainingArguments
+from tests.training.tiny_lm import SEQ, VOCAB, TinyLM
 
 
 def draw(iterator, k):
@@ -144,27 +144,6 @@ def test_self_paced_weights_follow_the_losses(mode):
 
 
 # ---- the curriculum in the Trainer, and resume ----------------------------------------------------
-VOCAB, SEQ = 16, 6
-
-
-@dataclasses.dataclass
-class Out:
-    logits: torch.Tensor
-    mtp_logits: tuple
-    aux_loss: None = None
-
-
-class TinyLM(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(VOCAB, 12)
-        self.head = torch.nn.Linear(12, VOCAB)
-        self.config = types.SimpleNamespace(n_pred_tokens=1)  # a token-window model to the Trainer
-
-    def forward(self, ids):
-        return Out(self.head(torch.tanh(self.embed(ids))), ())
-
-
 DATA = torch.randint(0, VOCAB, (40, SEQ + 1), generator=torch.Generator().manual_seed(0))
 
 
