@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_kernels import cast_to_fp, cast_to_fp_bits, decode_fp_bits, forced
+from nexus_kernels import cast_to_fp, cast_to_fp_bits, decode_fp_bits
 from nexus_kernels._backend import select
+from tests.kernels.paths import both_paths
 
 FORMATS = ["e4m3", "e5m2", "e2m1"]
 TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -91,14 +92,6 @@ def edge_values(name):
     vals = torch.tensor(base + [-v for v in base], dtype=torch.float32)
     specials = torch.tensor([-0.0, float("nan"), -float("nan"), 1e-40, -1e-45], dtype=torch.float32)
     return torch.cat([vals, specials])
-
-
-def both_paths(fn, *args, **kwargs):
-    """(interpreted Triton kernel result, reference result) for the same call."""
-    kernel = fn(*args, **kwargs)
-    with forced("reference"):
-        reference = fn(*args, **kwargs)
-    return kernel, reference
 
 
 def test_cpu_tensors_run_the_interpreted_kernel():

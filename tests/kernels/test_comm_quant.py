@@ -22,6 +22,7 @@ from nexus_kernels.comm_quant import (
     unpack_dequantize,
     unpack_dequantize_reference,
 )
+from tests.kernels.paths import assert_same_nan_aware, both_paths
 
 QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
 BITS = {"int8": 8, "int4": 4, "fp8": 8}
@@ -78,19 +79,6 @@ def oracle_scales(x, fmt, bs):
     blocks = torch.nn.functional.pad(x2, (0, nb * bs - x2.shape[1])).reshape(x2.shape[0], nb, bs)
     amax = blocks.abs().amax(-1)
     return torch.where(torch.isfinite(amax), amax / QMAX[fmt], torch.full_like(amax, float("nan")))
-
-
-def both_paths(fn, *args, **kwargs):
-    kernel = fn(*args, **kwargs)
-    with forced("reference"):
-        reference = fn(*args, **kwargs)
-    return kernel, reference
-
-
-def assert_same_nan_aware(a, b):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    assert torch.equal(torch.isnan(a), torch.isnan(b))
-    assert torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)])
 
 
 def random_input(rows, n, seed=0):

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_kernels import cast_to_fp_bits, forced, from_mx, to_mx
+from nexus_kernels import cast_to_fp_bits, from_mx, to_mx
+from tests.kernels.paths import assert_same_nan_aware, both_paths
 
 ELEMS = ["e4m3", "e5m2", "e2m1"]
 EMAX = {"e4m3": 8, "e5m2": 15, "e2m1": 2}
@@ -57,19 +58,6 @@ def mx_oracle(x, elem, block_size):
 def unpack(elements, k):
     p = elements.long()
     return torch.stack((p & 0xF, p >> 4), -1).reshape(*elements.shape[:-1], -1)[..., :k].to(torch.uint8)
-
-
-def both_paths(fn, *args, **kwargs):
-    kernel = fn(*args, **kwargs)
-    with forced("reference"):
-        reference = fn(*args, **kwargs)
-    return kernel, reference
-
-
-def assert_same_nan_aware(a, b):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    assert torch.equal(torch.isnan(a), torch.isnan(b))
-    assert torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)])
 
 
 def random_input(shape, seed=0):
