@@ -80,7 +80,8 @@ def _ray():
     except ImportError as exc:
         from nexus.training.tracking import MissingExtraError
 
-        raise MissingExtraError(f"population-based training and Ray Tune searches need ray[tune]: {EXTRA_HINT}") from exc
+        raise MissingExtraError(f"population-based training and Ray Tune searches need ray[tune]: "
+                                f"{EXTRA_HINT}") from exc
     return ray
 
 
@@ -776,7 +777,8 @@ class HPOConfig:
             raise ValueError(f"space must map run-file keys (section.key) to ranges, got {self.space!r}")
         for key, entry in self.space.items():
             if not isinstance(key, str) or key.count(".") != 1:
-                raise ValueError(f"space: {key!r} must name a run-file key as section.key (e.g. training.learning_rate)")
+                raise ValueError(f"space: {key!r} must name a run-file key as section.key "
+                                 "(e.g. training.learning_rate)")
             spec = space_entry(key, entry)
             if self.sampler == "grid" and not isinstance(spec, list):
                 raise ValueError(f"space.{key}: sampler grid needs {{choices: [...]}}, got {entry!r}")

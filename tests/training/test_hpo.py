@@ -41,7 +41,8 @@ def test_grid_search_runs_every_combination_and_returns_the_best():
     def loss(p):  # a smooth bowl around lr 1e-4, batch 32, warmup 1000 (on the grid)
         import math
 
-        return (math.log10(p["learning_rate"]) + 4) ** 2 + (p["batch_size"] / 32 - 1) ** 2 + (p["warmup_steps"] / 1000 - 1) ** 2
+        return ((math.log10(p["learning_rate"]) + 4) ** 2 + (p["batch_size"] / 32 - 1) ** 2
+                + (p["warmup_steps"] / 1000 - 1) ** 2)
 
     result = hpo.grid_search(lambda params, trial: loss(params), grid)
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
@@ -153,7 +154,8 @@ def test_parallel_workers_share_a_journal_study_and_write_results(tmp_path):
     assert len({(t.params["x"], t.params["y"]) for t in trials}) == 8  # workers seeded apart: no repeats
     assert result.best_value == min(t.value for t in trials)
     # the study, reloaded from its journal file by Optuna itself
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal")))
+    journal = optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal"))
+    storage = optuna.storages.JournalStorage(journal)
     reloaded = optuna.load_study(study_name="nexus", storage=storage)
     assert reloaded.best_params == result.best_params and len(reloaded.trials) == 8
     summary = json.loads((tmp_path / "best_params.json").read_text())
@@ -194,13 +196,14 @@ def test_pbt_improves_over_its_initial_population(ray_session, tmp_path):
     intervals = 8
     result = hpo.population_based_training(
         descend, {"lr": (1e-3, 1e-2, "log")}, mutations={"lr": (1e-3, 0.5, "log")}, population_size=4,
-        n_intervals=intervals, resample_probability=0.5, seed=0, num_cpus=2, output_dir=tmp_path)
+        n_intervals=intervals, resample_probability=0.75, seed=0, num_cpus=2, output_dir=tmp_path)
     assert len(result.initial_values) == 4
     # each initial member trained for all intervals at its own lr, without PBT: (1 - lr)^(2 * 10 * intervals)
     initial_lrs = [1 - v ** (1 / 20) for v in result.initial_values]  # from w^2 = (1 - lr)^20 after one interval
     assert all(1e-3 - 1e-9 <= lr <= 1e-2 + 1e-9 for lr in initial_lrs)
     without_pbt = min((1 - lr) ** (20 * intervals) for lr in initial_lrs)
-    # 3 runs here: 5e-8, 2e-7, 0.066 against 0.50 without PBT (its explore steps vary from run to run)
+    # its explore steps vary from run to run; 4 runs here: 1e-12, 1e-4, 5e-15, 2e-4 against 0.50 without PBT
+    # (with resample_probability 0.5, 1 run in 6 came within 2x: 0.27)
     assert result.best_value < without_pbt / 2, (result.best_value, without_pbt)
     assert result.best_params["lr"] > max(initial_lrs)  # explore moved lr out of the initial population's range
     saved = json.loads((result.best_checkpoint / "w.json").read_text())["w"]
