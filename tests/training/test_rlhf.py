@@ -409,7 +409,8 @@ def test_dpo_memory_stays_flat_over_50_steps(one_thread):
         if i == 4:
             count5, bytes5, graphs5 = _live_tensors()
     count50, bytes50, graphs50 = _live_tensors()
-    assert graphs5 == graphs50 == 0
+    # relative to step 5: earlier tests in the same process may still hold tensors (and graphs) of their own
+    assert graphs50 == graphs5
     assert count50 - count5 == 45 and bytes50 - bytes5 == 45 * 4  # only the 45 kept fp32 scalars
     # the detector works: keeping each step's graph is seen at once
     leaky = []
@@ -417,7 +418,7 @@ def test_dpo_memory_stays_flat_over_50_steps(one_thread):
         loss, _ = dpo.loss(batch)
         leaky.append(loss)
     count, _, graphs = _live_tensors()
-    assert graphs >= 3 and count > count50
+    assert graphs >= graphs50 + 3 and count > count50
     del leaky, loss
 
 
