@@ -31,8 +31,10 @@ One step (``optimizer.step()`` after ``loss.backward()``):
    fp32 master stays exact on its owner). With ``module`` (ZeRO-3): parameters stay freed until a
    block's forward needs them.
 
-ZeRO-3 / hpZ (``module=model``). Every submodule that directly owns managed parameters is a block:
-a forward pre-hook gathers the block's parameters (the world-wide qwZ all-gather of the owners'
+ZeRO-3 / hpZ (``module=model``). The blocks are FSDP2's units: each transformer block of
+``fsdp2.find_blocks`` (``layers``, MTP heads) with all its parameters, and the root with the rest
+(embeddings, final norm, head; a tied weight once); a model without a block list gets one block per
+submodule that owns parameters directly. A forward pre-hook gathers the block's parameters (the world-wide qwZ all-gather of the owners'
 master slices), a forward hook frees them again (``p.data`` becomes an empty tensor) and wraps the
 block's outputs in an identity autograd function whose backward re-gathers them before the block's
 backward runs; each parameter's post-accumulate-grad hook frees the block once all its gradients
@@ -415,10 +417,31 @@ class ZeroPlusPlusOptimizer(torch.optim.Optimizer):
                              f"group's {self._world} ranks; set ZeroPlusPlusConfig.node_size to the ranks per node")
         return size
 
+    @staticmethod
+    def _units(module: nn.Module) -> list[tuple[str, nn.Module, list[torch.Tensor]]]:
+        """(name, submodule, parameters) gathered together: each transformer block FSDP2 would shard
+        (``fsdp2.find_blocks``: ``layers``, MTP heads, ...) with everything inside it, and the root with
+        the rest (embeddings, final norm, head; tied weights once), as FSDP2 units are; a model without
+        a block list gets one unit per submodule holding parameters directly."""
+        from nexus.training.distributed.fsdp2 import find_blocks
+
+        try:
+            blocks = find_blocks(module)
+        except ValueError:
+            return [(name, sub, list(sub.parameters(recurse=False))) for name, sub in module.named_modules()]
+        names = {id(m): n for n, m in module.named_modules()}
+        units, taken = [], set()
+        for b in blocks:
+            params = list(b.parameters())
+            units.append((names[id(b)], b, params))
+            taken |= {id(p) for p in params}
+        units.append(("", module, [p for p in module.parameters() if id(p) not in taken]))
+        return units
+
     def _shard_module(self, module: nn.Module) -> None:
         owners: dict[int, str] = {}
-        for name, sub in module.named_modules():
-            mine = [s for p in sub.parameters(recurse=False) if (s := self._slot_of.get(id(p))) is not None]
+        for name, sub, params in self._units(module):
+            mine = [s for p in params if (s := self._slot_of.get(id(p))) is not None]
             for s in mine:
                 if id(s.param) in owners:
                     raise ValueError(f"ZeroPlusPlusOptimizer(module=...): a parameter of {name} is also one of "
