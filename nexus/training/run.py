@@ -213,7 +213,8 @@ def build_trainer(cfg: RunConfig, *, device: str | None = None, max_steps: int |
     if parallel.distributed:  # ZeRO-1 and ZeRO++ partition the optimizer's state themselves
         from nexus.training.distributed.zero import shard_optimizer
 
-        optimizer = shard_optimizer(optimizer, parallel)
+        recomputed = checkpointing is not None or parallel.config.activation_checkpointing
+        optimizer = shard_optimizer(optimizer, parallel, module=None if recomputed else model)
     # schedule-free replaces the LR schedule (its iterate averaging is the decay)
     scheduler = None if cfg.optimizer.type == "schedule_free" else build_scheduler(optimizer, args, steps)
     return Trainer(model=model, optimizer=optimizer, lr_scheduler=scheduler, train_loader=train_loader,

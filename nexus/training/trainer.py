@@ -1321,7 +1321,10 @@ class Trainer:
         try:
             ckpt.check_signature(state["model_signature"], self.unwrapped_model, path)
             if "model" in state:  # a sharded checkpoint's weights are already in place
-                self.unwrapped_model.load_state_dict(state["model"])
+                # ZeRO++ with module=: parameters are freed between blocks; load into the gathered ones
+                gathered = getattr(self.optimizer, "gathered_parameters", contextlib.nullcontext)
+                with gathered():
+                    self.unwrapped_model.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
             if self.lr_scheduler is not None and state["scheduler"] is not None:
                 self.lr_scheduler.load_state_dict(state["scheduler"])

@@ -164,9 +164,12 @@ _PER_TENSOR = ("AdamW", "Adam", "SGD", "Lion", "Muon", "SOAP")
 _PER_ELEMENT = ("AdamW", "Adam", "SGD", "Lion")
 
 
-def shard_optimizer(optimizer: torch.optim.Optimizer, ctx) -> torch.optim.Optimizer:
+def shard_optimizer(optimizer: torch.optim.Optimizer, ctx, module: nn.Module | None = None) -> torch.optim.Optimizer:
     """The optimizer of a run file's ``strategy: zero`` (stage 1) or ``zero++``, built from the one
-    ``build_optimizer`` made over the unwrapped parameters; other strategies return it unchanged."""
+    ``build_optimizer`` made over the unwrapped parameters; other strategies return it unchanged.
+    ``module``: for ZeRO++, the model whose parameters are then partitioned too (ZeRO-3, with hpZ's
+    node-local backward gather); None keeps whole weights on every rank (what activation checkpointing
+    needs: its recomputation would run the gather hooks inside backward)."""
     cfg = ctx.config
     name = type(optimizer).__name__
     if ctx.dp_size == 1 or cfg.strategy not in ("zero", "zero++"):
@@ -184,5 +187,5 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, ctx) -> torch.optim.Optimi
                              f"Use one of {', '.join(_PER_ELEMENT)}")
         groups = [dict(g) for g in optimizer.param_groups]
         return ZeroPlusPlusOptimizer(groups, base_optimizer=type(optimizer), config=cfg.zero_plusplus_config(),
-                                     process_group=ctx.dp_group, **constructor_defaults(optimizer))
+                                     module=module, process_group=ctx.dp_group, **constructor_defaults(optimizer))
     return optimizer
