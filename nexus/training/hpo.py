@@ -74,6 +74,10 @@ def _optuna():
 
 def _ray():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
+    if "RAY_ADDRESS" not in os.environ:
+        # a one-node Ray on loopback only: by default Ray binds every interface and advertises this machine's
+        # address; set RAY_ADDRESS (or this variable to 1) before the first import to join a cluster
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
         from ray import tune  # noqa: F401
@@ -517,8 +521,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     (``ray.init(address=...)`` first to use a cluster)."""
     ray = _ray()
     if not ray.is_initialized():
-        # a one-node Ray: its processes talk to each other only (Ray refuses 127.0.0.1 as a node address and
-        # uses this machine's own interface address instead)
+        # a one-node Ray whose processes listen on 127.0.0.1 only (see _ray)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 

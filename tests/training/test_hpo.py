@@ -176,10 +176,23 @@ def test_sqlite_storage(tmp_path):
 # ---- Ray Tune: one local Ray for the module -----------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_session():
-    ray = pytest.importorskip("ray")  # the [hpo] extra; installed with [test]
-    hpo.init_ray(num_cpus=2)
+    hpo.init_ray(num_cpus=2)  # the [hpo] extra; installed with [test]
+    import ray
+
     yield ray
     ray.shutdown()
+
+
+def test_the_local_ray_listens_on_loopback_only(ray_session):
+    import psutil
+
+    assert {n["NodeManagerAddress"] for n in ray_session.nodes()} == {"127.0.0.1"}
+    gcs = ray_session.get_runtime_context().gcs_address
+    assert gcs.startswith("127.0.0.1:"), gcs
+    # every socket Ray's own servers listen on (this user's processes: no root needed)
+    addresses = [c.laddr.ip for proc in psutil.process_iter(["name"]) if proc.info["name"] in ("raylet", "gcs_server")
+                 for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    assert addresses and {a.removeprefix("::ffff:") for a in addresses} == {"127.0.0.1"}, addresses
 
 
 def descend(params, restore_dir, save_dir):
