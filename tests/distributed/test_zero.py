@@ -88,6 +88,11 @@ def run_stage(rank, world_size, stage, **offload):
            "optimizer": type(opt).__name__, "groups": len(opt.param_groups)}
     if stage == 1:  # this rank's optimizer holds the state of its share of whole tensors
         out["owned"] = sorted(i for i, p in enumerate(model.parameters()) if p in opt.optim.state)
+        out["local"] = type(opt.optim).__name__
+        out["state_devices"] = sorted({str(v.device) for st in opt.optim.state.values() for v in st.values()
+                                       if torch.is_tensor(v)})
+        masters = getattr(opt.optim, "_masters", {})
+        out["masters_apart"] = bool(masters) and all(m.data_ptr() != p.data_ptr() for p, m in masters.items())
     else:
         from torch.distributed.tensor import DTensor
 
@@ -103,10 +108,14 @@ def run_stage(rank, world_size, stage, **offload):
 
 def stage1_checkpoint_round_trip(rank, world_size):
     """A ZeRO-1 state consolidated on rank 0, loaded by a fresh ZeRO-1 optimizer on every rank, continues
-    exactly as the uninterrupted run (what the Trainer's checkpoint does)."""
+    exactly as the uninterrupted run (what the Trainer's checkpoint does); with and without CPU offload."""
+    return {offload: _stage1_round_trip(rank, world_size, offload) for offload in (False, True)}
+
+
+def _stage1_round_trip(rank, world_size, offload):
     per = GLOBAL // world_size
     rows = slice(rank * per, (rank + 1) * per)
-    model, opt = apply_zero(new_model(), adamw, ZeROConfig(stage=1))
+    model, opt = apply_zero(new_model(), adamw, ZeROConfig(stage=1, offload_optimizer=offload))
     train(model, opt, rows, steps=2)
     opt.consolidate_state_dict(to=0)
     state = [None]
@@ -117,7 +126,7 @@ def stage1_checkpoint_round_trip(rank, world_size):
     dist.broadcast_object_list(state, src=0)
     state = [torch.load(io.BytesIO(state[0]), weights_only=True)]
     weights = {k: v.clone() for k, v in model.module.state_dict().items()}
-    resumed_model, resumed = apply_zero(new_model(), adamw, ZeROConfig(stage=1))
+    resumed_model, resumed = apply_zero(new_model(), adamw, ZeROConfig(stage=1, offload_optimizer=offload))
     resumed_model.module.load_state_dict(weights)
     resumed.load_state_dict(state[0])
     loaded = [int(s["step"]) for s in resumed.optim.state.values()]  # this rank's share, from rank 0's file
@@ -159,13 +168,18 @@ def stage_3(rank, world_size):
     return run_stage(rank, world_size, 3)
 
 
+def stage_1_offload(rank, world_size):
+    out = run_stage(rank, world_size, 1, offload_optimizer=True)
+    return out
+
+
 def stage_3_offload(rank, world_size):
     return run_stage(rank, world_size, 3, offload_optimizer=True, offload_params=True)
 
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return run_distributed_checks([stage_1, stage_2, stage_3, stage_3_offload, stage1_checkpoint_round_trip, run_file_wiring],
+    return run_distributed_checks([stage_1, stage_1_offload, stage_2, stage_3, stage_3_offload, stage1_checkpoint_round_trip, run_file_wiring],
                                   world_size=2, timeout=600)
 
 
@@ -177,7 +191,7 @@ def _close_to_reference(out):
 
 
 @spawns
-@pytest.mark.parametrize("check", ["stage_1", "stage_2", "stage_3", "stage_3_offload"])
+@pytest.mark.parametrize("check", ["stage_1", "stage_1_offload", "stage_2", "stage_3", "stage_3_offload"])
 def test_each_stage_follows_the_one_process_trajectory(two_ranks, check):
     for out in two_ranks[check]:
         _close_to_reference(out)
@@ -209,11 +223,19 @@ def test_stages_2_and_3_shard_parameters_gradients_and_state_on_fsdp2(two_ranks)
 
 @spawns
 def test_stage_1_checkpoint_consolidates_and_resumes_exactly(two_ranks):
-    ranks = two_ranks["stage1_checkpoint_round_trip"]
-    assert all(r["same"] for r in ranks)
-    # rank 0's file held every parameter's state (both shares); each rank took back its own share
-    assert sum(len(r["loaded_steps"]) for r in ranks) == ranks[0]["params"] == 10
-    assert {s for r in ranks for s in r["loaded_steps"]} == {2}
+    for offload in (False, True):
+        ranks = [r[offload] for r in two_ranks["stage1_checkpoint_round_trip"]]
+        assert all(r["same"] for r in ranks)
+        # rank 0's file held every parameter's state (both shares); each rank took back its own share
+        assert sum(len(r["loaded_steps"]) for r in ranks) == ranks[0]["params"] == 10
+        assert {s for r in ranks for s in r["loaded_steps"]} == {2}
+
+
+@spawns
+def test_stage_1_offload_steps_cpu_copies_and_keeps_its_state_on_the_cpu(two_ranks):
+    for r in two_ranks["stage_1_offload"]:
+        assert r["optimizer"] == "ZeroRedundancyOptimizer" and r["local"] == "CPUOffloadedAdamW"
+        assert r["state_devices"] == ["cpu"] and r["masters_apart"]
 
 
 @spawns
@@ -233,7 +255,6 @@ def test_one_process_returns_model_and_optimizer_as_they_are():
 @pytest.mark.parametrize("kwargs,message", [
     ({"stage": 0}, "stage must be 1, 2 or 3"),
     ({"stage": 2, "offload_params": True}, "offload_params needs stage 3"),
-    ({"stage": 1, "offload_optimizer": True}, "offload_optimizer needs stage 2 or 3"),
     ({"stage": 3, "offload_optimizer": "yes"}, "offload_optimizer must be a bool"),
 ])
 def test_bad_zero_configs_are_named(kwargs, message):

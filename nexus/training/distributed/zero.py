@@ -11,7 +11,8 @@
   shards and are gathered per block for forward and again for backward.
 - Offload (ZeRO-Offload / ZeRO-Infinity): stages 2 and 3 move the sharded fp32 parameters (FSDP2's
   master copy), their gradients and the optimizer step to the CPU with FSDP2's ``CPUOffloadPolicy``;
-  ``offload_params`` is a stage 3 setting, as in DeepSpeed. Stage 1 has no offload here (ValueError).
+  ``offload_params`` is a stage 3 setting, as in DeepSpeed. Stage 1's ``offload_optimizer`` steps each
+  rank's share on fp32 CPU copies (:func:`cpu_offloaded`): gradients go down, updated values come up.
 
 Run file: ``distributed: {strategy: zero, zero_stage: 2, offload_optimizer: false}``; in Python
 ``apply_zero(model, optimizer, ZeROConfig(stage=3))`` under ``torchrun``, or the Trainer's ``with_zero``.
@@ -27,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["ZeROConfig", "apply_zero", "partition_optimizer_state", "rebuild_optimizer", "shard_optimizer", "wrap_zero"]
+__all__ = ["ZeROConfig", "apply_zero", "cpu_offloaded", "partition_optimizer_state", "rebuild_optimizer", "shard_optimizer", "wrap_zero"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -46,9 +47,6 @@ class ZeROConfig:
                 raise ValueError(f"ZeROConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.offload_params and self.stage != 3:
             raise ValueError(f"ZeROConfig.offload_params needs stage 3 (parameters partitioned), got stage {self.stage}")
-        if self.offload_optimizer and self.stage == 1:
-            raise ValueError("ZeROConfig.offload_optimizer needs stage 2 or 3 (FSDP2's CPU offload of sharded "
-                             "parameters, gradients and optimizer step); stage 1 keeps the optimizer on the device")
 
     @property
     def sharding_strategy(self) -> str | None:
@@ -57,7 +55,8 @@ class ZeROConfig:
 
     @property
     def cpu_offload(self) -> bool:
-        return self.offload_optimizer or self.offload_params
+        """FSDP2's CPU offload (stages 2 and 3)."""
+        return self.stage > 1 and (self.offload_optimizer or self.offload_params)
 
 
 def constructor_defaults(optimizer: torch.optim.Optimizer) -> dict:
@@ -89,10 +88,54 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, old_names: dict[int, str
     return (cls or type(optimizer))(groups, **{**constructor_defaults(optimizer), **extra})
 
 
-def partition_optimizer_state(optimizer: torch.optim.Optimizer, process_group=None) -> torch.optim.Optimizer:
+def cpu_offloaded(cls: type) -> type:
+    """A subclass of optimizer ``cls`` whose step runs on fp32 copies of its parameters in CPU memory,
+    with its state there too (ZeRO-Offload for stage 1): the gradients are copied to the CPU, ``cls``
+    steps the copies, and the new values are copied back into the parameters. State stays keyed by the
+    parameters (what ``ZeroRedundancyOptimizer`` and checkpoints index), its tensors on the CPU. The
+    copies are taken at the first step, so load weights before it."""
+
+    class CPUOffloaded(cls):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if closure is not None:  # it would recompute the device gradients, not the copies stepped here
+                raise ValueError(f"{type(self).__name__}.step: closures are not supported under CPU offload")
+            if not hasattr(self, "_masters"):
+                self._masters = {}
+            cpu = torch.device("cpu")
+            originals = [group["params"] for group in self.param_groups]
+            for group in self.param_groups:
+                swapped = []
+                for p in group["params"]:
+                    m = self._masters.get(p)
+                    if m is None:
+                        m = self._masters[p] = p.detach().to(cpu, torch.float32, copy=True)
+                    m.grad = None if p.grad is None else p.grad.detach().to(cpu, torch.float32)
+                    if p in self.state:  # state loaded onto the device (ZeroRedundancyOptimizer does) moves down
+                        self.state[m] = {k: v.to(cpu) if torch.is_tensor(v) else v for k, v in self.state.pop(p).items()}
+                    swapped.append(m)
+                group["params"] = swapped
+            try:
+                loss = super().step()
+            finally:
+                for group, params in zip(self.param_groups, originals):
+                    for p, m in zip(params, group["params"]):
+                        if m in self.state:
+                            self.state[p] = self.state.pop(m)
+                        m.grad = None
+                        p.copy_(m, non_blocking=True)
+                    group["params"] = params
+            return loss
+
+    CPUOffloaded.__name__ = CPUOffloaded.__qualname__ = f"CPUOffloaded{cls.__name__}"
+    return CPUOffloaded
+
+
+def partition_optimizer_state(optimizer: torch.optim.Optimizer, process_group=None, *,
+                              offload: bool = False) -> torch.optim.Optimizer:
     """Stage 1: ``optimizer``'s parameters and hyperparameters under torch's ``ZeroRedundancyOptimizer``
-    (each rank holds the state of its share of whole tensors). Returns ``optimizer`` unchanged when no
-    process group is running."""
+    (each rank holds the state of its share of whole tensors; ``offload``: stepped on the CPU by
+    :func:`cpu_offloaded`). Returns ``optimizer`` unchanged when no process group is running."""
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -101,7 +144,8 @@ def partition_optimizer_state(optimizer: torch.optim.Optimizer, process_group=No
     if any(optimizer.state.values()):
         raise ValueError("the optimizer has already stepped; apply ZeRO before the first step")
     groups = [dict(g) for g in optimizer.param_groups]
-    return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), process_group=process_group,
+    cls = cpu_offloaded(type(optimizer)) if offload else type(optimizer)
+    return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=process_group,
                                    **constructor_defaults(optimizer))
 
 
@@ -134,7 +178,7 @@ def apply_zero(model: nn.Module, optimizer: torch.optim.Optimizer | Callable, co
     elif ctx.dp_size > 1 and config.stage > 1:
         optimizer = rebuild_optimizer(optimizer, names, model)
     if config.stage == 1 and ctx.dp_size > 1:
-        optimizer = partition_optimizer_state(optimizer, ctx.dp_group)
+        optimizer = partition_optimizer_state(optimizer, ctx.dp_group, offload=config.offload_optimizer)
     return model, optimizer
 
 
@@ -178,7 +222,7 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, ctx, module: nn.Module | N
         if name not in _PER_TENSOR:
             raise ValueError(f"distributed: ZeRO stage 1 partitions whole tensors across ranks; {name} needs every "
                              f"parameter in one optimizer. Use one of {', '.join(_PER_TENSOR)} or zero_stage 2/3")
-        return partition_optimizer_state(optimizer, ctx.dp_group)
+        return partition_optimizer_state(optimizer, ctx.dp_group, offload=cfg.offload_optimizer)
     if cfg.strategy == "zero++":
         from nexus.training.distributed.zero_plusplus import ZeroPlusPlusOptimizer
 
