@@ -208,16 +208,18 @@ def descend(params, restore_dir, save_dir):
 def test_pbt_improves_over_its_initial_population(ray_session, tmp_path):
     intervals = 8
     result = hpo.population_based_training(
-        descend, {"lr": (1e-3, 1e-2, "log")}, mutations={"lr": (1e-3, 0.5, "log")}, population_size=4,
-        n_intervals=intervals, resample_probability=0.75, seed=0, num_cpus=2, output_dir=tmp_path)
+        descend, {"lr": (1e-3, 1e-2, "log")}, mutations={"lr": (0.05, 0.5, "log")}, population_size=4,
+        n_intervals=intervals, resample_probability=1.0, seed=0, num_cpus=2, output_dir=tmp_path)
     assert len(result.initial_values) == 4
     # each initial member trained for all intervals at its own lr, without PBT: (1 - lr)^(2 * 10 * intervals)
     initial_lrs = [1 - v ** (1 / 20) for v in result.initial_values]  # from w^2 = (1 - lr)^20 after one interval
     assert all(1e-3 - 1e-9 <= lr <= 1e-2 + 1e-9 for lr in initial_lrs)
     without_pbt = min((1 - lr) ** (20 * intervals) for lr in initial_lrs)
-    # its explore steps vary from run to run; 4 runs here: 1e-12, 1e-4, 5e-15, 2e-4 against 0.50 without PBT
-    # (with resample_probability 0.5, 1 run in 6 came within 2x: 0.27)
-    assert result.best_value < without_pbt / 2, (result.best_value, without_pbt)
+    # Ray's explore steps vary from run to run (trial order); every explore here resamples lr from [0.05, 0.5],
+    # above every initial lr, so the outcome does not: the first perturbation (after interval 1) already
+    # gives a member (1 - 0.05)^20 per interval, and exploit copies its state to the others: best <= 0.95^140
+    # ~ 8e-4 against (1 - 0.01)^160 ~ 0.2 without PBT. (A wider mutation range, from 1e-3, lost 1 run in ~6.)
+    assert result.best_value < without_pbt / 100, (result.best_value, without_pbt)
     assert result.best_params["lr"] > max(initial_lrs)  # explore moved lr out of the initial population's range
     saved = json.loads((result.best_checkpoint / "w.json").read_text())["w"]
     assert saved**2 == pytest.approx(result.best_value)  # the checkpoint is the best member's state
