@@ -36,3 +36,11 @@ def steer_experts(model: MoETransformer, half: int, *, rom: bool = True) -> MoET
                 module.router.weight[1] = 0.0
                 module.router.weight[1, 0] = 2.0
     return model
+
+
+def zero_fill_missing_grads(model: torch.nn.Module) -> None:
+    """What FSDP2 does for a parameter no rank used in a step (see fsdp2.py): a zero gradient, not None,
+    so a one-process reference run steps (and decays) the same parameters."""
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)

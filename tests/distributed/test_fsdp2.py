@@ -32,7 +32,7 @@ from nexus.models.moe import MoEConfig, MoEFeedForward, MoETransformer, RoutingM
 from nexus.training.distributed.fsdp2 import FSDP2Config, find_blocks, wrap_model_fsdp2
 from nexus.training.losses import multi_token_prediction_loss
 from tests.distributed.harness import run_distributed_checks
-from tests.distributed.models import MOE_CONFIG, steer_experts
+from tests.distributed.models import MOE_CONFIG, steer_experts, zero_fill_missing_grads
 
 # every feature on: layer 0 attention + MoE, layer 1 MoD(RoM + MoE), one extra MTP head
 CONFIG = MOE_CONFIG
@@ -93,9 +93,7 @@ def reference(per_slice_world: int | None = None, **overrides) -> dict:
         else:
             loss = torch.stack([loss_of(model, s) for s in window.chunk(per_slice_world)]).mean()
         loss.backward()
-        for p in model.parameters():  # FSDP2 gives unused parameters a zero gradient (module docstring)
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        zero_fill_missing_grads(model)
         if grads is None:
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()

@@ -48,7 +48,7 @@ from nexus.training.mixed_precision import (
 from nexus.training.mixed_precision.fp8 import set_amax_reduction
 from nexus_kernels._backend import forced
 from tests.distributed.harness import run_distributed_checks
-from tests.distributed.models import MOE_CONFIG, spawns, steer_experts
+from tests.distributed.models import MOE_CONFIG, spawns, steer_experts, zero_fill_missing_grads
 
 
 
@@ -118,9 +118,7 @@ def train(kind: str, model: nn.Module, take=lambda rows: rows) -> None:
     with forced("reference"):
         for step in range(STEPS):
             loss_of(kind, model, take(global_batch(kind, step))).backward()
-            for p in model.parameters():  # FSDP2 gives parameters no rank used a zero gradient: do the same
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            zero_fill_missing_grads(model)
             opt.step()
             opt.zero_grad(set_to_none=True)
 

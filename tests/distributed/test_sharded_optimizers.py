@@ -57,7 +57,7 @@ from nexus.training.optimizers.muon import get_muon_optimizer
 from nexus.training.optimizers.soap import SOAP
 from nexus_kernels._backend import forced
 from tests.distributed.harness import run_distributed
-from tests.distributed.models import MOE_CONFIG, spawns
+from tests.distributed.models import MOE_CONFIG, spawns, zero_fill_missing_grads
 
 
 
@@ -186,9 +186,7 @@ def make_optimizer(name: str, kind: str, model: nn.Module) -> torch.optim.Optimi
 def train_steps(kind: str, model, opt, steps: range, slice_of=lambda rows: rows) -> None:
     for step in steps:
         loss_of(kind, model, slice_of(batch(kind, step))).backward()
-        for p in model.parameters():  # FSDP2 gives parameters no rank used a zero gradient: do the same
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        zero_fill_missing_grads(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
