@@ -171,6 +171,21 @@ def _check_tensor(name: str, t, dims: int) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
 
 
+def _check_lse(name: str, t, shape: tuple, dims: str) -> None:
+    """A log-sum-exp [``dims``] of ``shape`` in float32 (or float64)."""
+    if not isinstance(t, torch.Tensor) or t.shape != shape:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a tensor of shape {tuple(shape)} {dims}, got {got}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 (or float64), got {t.dtype}")
+
+
+def _check_one_device(label: str, *tensors) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{label} are on different devices: {sorted(map(str, devices))}")
+
+
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4)
@@ -184,9 +199,7 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"query heads Hq={q.shape[1]} must be a multiple of kv heads Hkv={k.shape[1]}")
     if q.shape[3] == 0:
         raise ValueError("head dim D must be positive")
-    devices = {t.device for t in (q, k, v)}
-    if len(devices) > 1:
-        raise ValueError(f"q, k, v are on different devices: {sorted(map(str, devices))}")
+    _check_one_device("q, k, v", q, k, v)
 
 
 def _check_grad_inputs(dout, q, out, lse) -> None:
@@ -194,14 +207,8 @@ def _check_grad_inputs(dout, q, out, lse) -> None:
         _check_tensor(name, t, 4)
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-    if not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:3]:
-        shape = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
-        raise ValueError(f"lse must be a tensor of shape {tuple(q.shape[:3])} [B, Hq, Sq], got {shape}")
-    if lse.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"lse must be float32 (or float64), got {lse.dtype}")
-    devices = {t.device for t in (dout, q, out, lse)}
-    if len(devices) > 1:
-        raise ValueError(f"dout, q, out, lse are on different devices: {sorted(map(str, devices))}")
+    _check_lse("lse", lse, q.shape[:3], "[B, Hq, Sq]")
+    _check_one_device("dout, q, out, lse", dout, q, out, lse)
 
 
 def _check_merge(out_a, lse_a, out_b, lse_b) -> None:
@@ -210,14 +217,8 @@ def _check_merge(out_a, lse_a, out_b, lse_b) -> None:
     if out_a.shape != out_b.shape:
         raise ValueError(f"out_a {tuple(out_a.shape)} and out_b {tuple(out_b.shape)} must have the same shape")
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
-        if not isinstance(t, torch.Tensor) or t.shape != out_a.shape[:3]:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a tensor of shape {tuple(out_a.shape[:3])} [B, H, S], got {shape}")
-        if t.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float32 (or float64), got {t.dtype}")
-    devices = {t.device for t in (out_a, lse_a, out_b, lse_b)}
-    if len(devices) > 1:
-        raise ValueError(f"merge inputs are on different devices: {sorted(map(str, devices))}")
+        _check_lse(name, t, out_a.shape[:3], "[B, H, S]")
+    _check_one_device("merge inputs", out_a, lse_a, out_b, lse_b)
 
 
 def _scale(softmax_scale: float | None, d: int) -> float:
