@@ -26,6 +26,7 @@ Example::
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import math
@@ -113,19 +114,19 @@ def _scalars(metrics: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-class Tracker:
+class Tracker(abc.ABC):
     """One experiment tracker: ``open(run_dir, config)``, ``log(metrics, step)``, ``close()``."""
 
     name = ""
 
-    def open(self, run_dir: Path, config: dict) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def open(self, run_dir: Path, config: dict) -> None: ...
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
 
 class TensorBoardTracker(Tracker):
