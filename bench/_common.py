@@ -305,11 +305,17 @@ def _spread_arg(text: str) -> float:
     return value
 
 
-def _threads_arg(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--threads must be at least 1 (got {value})")
-    return value
+def positive_int_arg(flag: str) -> Callable[[str], int]:
+    """An argparse ``type=`` for ``flag``: an int >= 1, else an error naming the flag."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1 (got {value})")
+        return value
+    return parse
+
+
+_threads_arg = positive_int_arg("--threads")
 
 
 def add_pair_arguments(parser: argparse.ArgumentParser) -> None:

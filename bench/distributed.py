@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench._common import RATIO_NOTE, add_pair_arguments, compare, print_table, setup, write_json
+from bench._common import RATIO_NOTE, add_pair_arguments, compare, positive_int_arg, print_table, setup, write_json
 from nexus.models.moe import MoEConfig, MoETransformer
 from nexus.training.losses import multi_token_prediction_loss
 
@@ -487,13 +487,6 @@ def _ranks_arg(text: str) -> list[int]:
     return ranks
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
-    return value
-
-
 def run_backend(backend: str, ranks: Sequence[int], settings: dict, *, threads: int,
                 timeout: float) -> tuple[list, list]:
     """Part 1 on ``backend`` at each world size: (rows, comparisons)."""
@@ -540,8 +533,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=_ranks_arg, default=[2, 4], help="world sizes, comma-separated (default 2,4)")
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model preset (default small)")
-    parser.add_argument("--steps", type=_positive_int, default=2, help="optimizer steps per timing (default 2)")
-    parser.add_argument("--warmup", type=_positive_int, default=1, help="untimed steps per arm first (default 1)")
+    parser.add_argument("--steps", type=positive_int_arg("--steps"), default=2, help="optimizer steps per timing (default 2)")
+    parser.add_argument("--warmup", type=positive_int_arg("--warmup"), default=1, help="untimed steps per arm first (default 1)")
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds per world size before the ranks are killed")
     parser.add_argument("--memory-config", default=str(DOLMA_CONFIG), help="run file whose model: section part 2 sizes")
