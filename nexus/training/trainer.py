@@ -949,7 +949,6 @@ class Trainer:
             for k, v in {"loss": loss.detach(), **parts, **model_metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
             tokens += self._batch_items(batch) * self.parallel.dp_size  # the global batch
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else float("inf")
         if self.scaler:
             found_inf = self.scaler.found_inf(self.optimizer)  # unscales the gradients first
@@ -957,7 +956,7 @@ class Trainer:
             grad_norm = self.pipeline.clip_grad_norm_(max_norm)
         elif hasattr(self.optimizer, "clip_grad_norm_"):  # ZeRO++: the norm of the averaged, partitioned gradient
             grad_norm = self.optimizer.clip_grad_norm_(max_norm)
-        elif params:
+        elif params := [p for p in self.model.parameters() if p.grad is not None]:
             grad_norm = clip_grad_norm(params, max_norm)
         else:
             grad_norm = torch.zeros((), device=self.device)
